@@ -1,0 +1,28 @@
+# LaMDAgent: an LLM agent that explores post-training pipelines (arXiv 2505.21963).
+# config -> plan (agent steps) -> targets (models, evaluations) -> scores -> agent, every step a file.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+
+
+validate(config, schema="lamdagent/schemas/config.schema.yaml")
+
+
+include: "rules/data.smk"
+include: "rules/models.smk"
+include: "rules/evaluate.smk"
+include: "rules/agent.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        "results/leaderboard.tsv",
+        "results/report/topk.tsv",
+    default_target: True

@@ -1,0 +1,254 @@
+"""Config: JSON-schema validation, defaults, and the cross-reference checks a schema cannot do.
+
+Everything here runs when Snakemake parses the workflow, before any job: a bad config stops the
+run with one line naming the offending key (``config: action_types.sft[1]: ...``) or file.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .actions import ACTION_PREFIXES, ACTIONS
+from .tasks import TASKS
+
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
+
+# Maxima of the metrics whose range is known, for `weight: auto` (alpha = 1 / max, as in the paper).
+METRIC_MAX = {"exact_match": 1.0, "acc": 1.0, "acc_norm": 1.0, "f1": 1.0, "mc1": 1.0, "mc2": 1.0, "bleu": 100.0,
+              "rouge1": 1.0, "rougeL": 1.0}
+
+DEFAULTS: dict[str, Any] = {
+    "controller": {
+        "temperature": 0.0,
+        "timeout_s": 120.0,
+        "retries": 1,
+        "max_tokens": {"type_selection": 48, "object_selection": 24, "memory_update": 160},
+        "stop": ["\n"],
+    },
+    "memory": {"max_words": 120, "initial": "No results yet."},
+    "generated_models_join": ["models"],
+    "training": {"epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1, "max_length": 512,
+                 "precision": "auto", "lr_scheduler_type": "linear", "warmup_ratio": 0.0},
+    "merging": {"dtype": "float32", "normalize": True},
+    "evaluation": {"batch_size": 16, "backend": "hf", "limit": None, "device": "auto", "dtype": "auto"},
+    "report": {"top_k": 3},
+    "resources": {
+        "sft": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240},
+        "ties_merging": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60},
+        "evaluate": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 120},
+        "import_model": {"gpu": 0, "cpus_per_gpu": 1, "threads": 2, "mem_mb": 16000, "runtime": 60},
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as ``config: <key>: <what is wrong>``."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"config: {key}: {problem}")
+        self.key = key
+
+
+def _merge_defaults(config: dict, defaults: dict) -> dict:
+    merged = copy.deepcopy(defaults)
+    for key, value in config.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge_defaults(value, merged[key])
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _key_path(path) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def schema() -> dict:
+    with open(SCHEMA_PATH, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _schema_check(config: dict) -> None:
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        error = errors[0]
+        key = _key_path(error.absolute_path)
+        if error.validator == "additionalProperties":
+            message = error.message.replace("Additional properties are not allowed", "unknown key")
+        elif error.validator == "required":
+            missing = error.message.split("'")[1] if "'" in error.message else error.message
+            key = f"{key}.{missing}" if error.absolute_path else missing
+            message = "missing required key"
+        else:
+            message = error.message
+        raise ConfigError(key, message)
+
+
+def load(config: dict, workdir: str | Path = ".") -> dict:
+    """Validate ``config`` (as Snakemake read it) and return it with defaults filled in."""
+    if not isinstance(config, dict) or not config:
+        raise ConfigError("(top level)", "the config is empty; pass --configfile config/config.yaml")
+    _schema_check(config)
+    config = _merge_defaults(config, DEFAULTS)
+    check(config, Path(workdir))
+    return config
+
+
+def slot_kinds(config: dict) -> dict[str, str]:
+    """Kind of every object type that fills a slot ("model", "dataset", "number", "weights")."""
+    kinds: dict[str, str] = {}
+    for action, object_types in config["action_types"].items():
+        for slot, object_type in zip(ACTIONS[action].slots, object_types):
+            kinds.setdefault(object_type, slot.kind)
+    return kinds
+
+
+def _check_value(kind: str, value: Any, key: str, config: dict) -> None:
+    if kind == "model":
+        if not isinstance(value, str) or value not in config["models"]:
+            raise ConfigError(key, f"{value!r} is not a model defined under `models`")
+    elif kind == "dataset":
+        if not isinstance(value, str) or value not in config["datasets"]:
+            raise ConfigError(key, f"{value!r} is not a dataset defined under `datasets`")
+    elif kind == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(key, f"{value!r} must be a positive number")
+    elif kind == "weights":
+        if (not isinstance(value, list) or len(value) != 2
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x <= 0 for x in value)):
+            raise ConfigError(key, f"{value!r} must be a list of two positive merge weights")
+
+
+def check(config: dict, workdir: Path) -> None:
+    # Action types and the object types filling their slots.
+    for action, object_types in config["action_types"].items():
+        if action not in ACTIONS:
+            raise ConfigError(f"action_types.{action}", f"unknown action type; known: {', '.join(ACTIONS)}")
+        slots = ACTIONS[action].slots
+        if len(object_types) != len(slots):
+            raise ConfigError(
+                f"action_types.{action}",
+                f"takes {len(slots)} object types ({', '.join(s.name for s in slots)}), got {len(object_types)}",
+            )
+        for index, (slot, object_type) in enumerate(zip(slots, object_types)):
+            if object_type not in config["objects"]:
+                raise ConfigError(f"action_types.{action}[{index}]", f"unknown object type {object_type!r}")
+    kinds = slot_kinds(config)
+    for action, object_types in config["action_types"].items():
+        for index, (slot, object_type) in enumerate(zip(ACTIONS[action].slots, object_types)):
+            if kinds[object_type] != slot.kind:
+                raise ConfigError(
+                    f"action_types.{action}[{index}]",
+                    f"object type {object_type!r} holds {kinds[object_type]}s but slot {slot.name!r} takes a {slot.kind}",
+                )
+
+    # Named models.
+    for name, spec in config["models"].items():
+        key = f"models.{name}"
+        if name.startswith(ACTION_PREFIXES):
+            raise ConfigError(key, f"names starting with {'/'.join(ACTION_PREFIXES)} are reserved for built models")
+        has_recipe, source = "recipe" in spec, spec.get("source")
+        if has_recipe == (source is not None):
+            raise ConfigError(key, "give exactly one of `source` (embedded, local, hub) or `recipe`")
+        if source == "local":
+            if "path" not in spec:
+                raise ConfigError(f"{key}.path", "missing (a local Hugging Face model directory)")
+            path = (workdir / spec["path"]).resolve()
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"{key}.path", f"{path} is not a Hugging Face model directory (no config.json)")
+        elif source == "hub" and "repo" not in spec:
+            raise ConfigError(f"{key}.repo", "missing (the hub id, e.g. google/gemma-2-2b)")
+    _check_recipe_models(config, kinds)
+
+    # Datasets.
+    for name, spec in config["datasets"].items():
+        key = f"datasets.{name}"
+        source = spec["source"]
+        if source == "embedded":
+            tasks = spec.get("tasks")
+            if not tasks:
+                raise ConfigError(f"{key}.tasks", f"missing; embedded tasks are {', '.join(TASKS)}")
+            for index, task in enumerate(tasks):
+                if task not in TASKS:
+                    raise ConfigError(f"{key}.tasks[{index}]", f"unknown embedded task {task!r}; known: {', '.join(TASKS)}")
+        elif source == "local":
+            if "path" not in spec:
+                raise ConfigError(f"{key}.path", "missing (a JSONL or parquet file)")
+            from .datasets import check_local_dataset  # noqa: PLC0415 - imports pandas only when needed
+
+            check_local_dataset(workdir / spec["path"], spec.get("fields"), key)
+        elif source == "hub":
+            for required in ("repo", "fields"):
+                if required not in spec:
+                    raise ConfigError(f"{key}.{required}", "missing (hub datasets need a repo and a field mapping)")
+
+    # Objects.
+    for object_type, values in config["objects"].items():
+        kind = kinds.get(object_type)
+        seen = []
+        for index, value in enumerate(values):
+            if kind is not None:
+                _check_value(kind, value, f"objects.{object_type}[{index}]", config)
+            if value in seen:
+                raise ConfigError(f"objects.{object_type}[{index}]", f"duplicate candidate {value!r}")
+            seen.append(value)
+    for index, object_type in enumerate(config["generated_models_join"]):
+        if kinds.get(object_type) != "model":
+            raise ConfigError(f"generated_models_join[{index}]", f"{object_type!r} is not an object type of models")
+
+    # Evaluation tasks.
+    names = []
+    for index, task in enumerate(config["eval_tasks"]):
+        key = f"eval_tasks[{index}]"
+        if task["task"] in names:
+            raise ConfigError(f"{key}.task", f"duplicate task {task['task']!r}")
+        names.append(task["task"])
+        if "lm_eval_task" not in task and task["task"] not in TASKS:
+            raise ConfigError(f"{key}.task", f"unknown task {task['task']!r}: embedded tasks are {', '.join(TASKS)}; "
+                                             "other tasks need `lm_eval_task`")
+        metric = task.setdefault("metric", "exact_match")
+        weight = task.setdefault("weight", "auto")
+        if weight == "auto" and "max" not in task and metric.split(",")[0] not in METRIC_MAX:
+            raise ConfigError(f"{key}.weight", f"`auto` needs the range of metric {metric!r}: give `max` or a number")
+
+    # Controller.
+    controller = config["controller"]
+    if controller["type"] in ("transformers", "openai") and not controller.get("model"):
+        raise ConfigError("controller.model", f"required for controller type {controller['type']!r}")
+    if controller["type"] == "openai" and not controller.get("api_key_env"):
+        raise ConfigError("controller.api_key_env", "required for the openai controller (the env var holding the key)")
+    if controller["type"] == "transformers":
+        model = controller["model"]
+        if model not in config["models"] and not (workdir / model / "config.json").is_file():
+            raise ConfigError("controller.model", f"{model!r} is neither a model under `models` nor a model directory")
+
+
+def _check_recipe_models(config: dict, kinds: dict[str, str]) -> None:
+    """Recipes in config (e.g. the specialists) may only use models defined before them."""
+    defined: set[str] = set()
+    for name, spec in config["models"].items():
+        recipe = spec.get("recipe")
+        if recipe:
+            key = f"models.{name}.recipe"
+            action = recipe["action"]
+            if action not in ACTIONS:
+                raise ConfigError(f"{key}.action", f"unknown action type {action!r}; known: {', '.join(ACTIONS)}")
+            slots = ACTIONS[action].slots
+            if len(recipe["objects"]) != len(slots):
+                raise ConfigError(f"{key}.objects", f"{action} takes {len(slots)} objects "
+                                                    f"({', '.join(s.name for s in slots)}), got {len(recipe['objects'])}")
+            for index, (slot, value) in enumerate(zip(slots, recipe["objects"])):
+                _check_value(slot.kind, value, f"{key}.objects[{index}]", config)
+                if slot.kind == "model" and value not in defined:
+                    raise ConfigError(f"{key}.objects[{index}]", f"model {value!r} must be defined before {name!r}")
+        defined.add(name)

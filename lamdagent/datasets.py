@@ -1,0 +1,96 @@
+"""Training datasets: an embedded generated task, a local JSONL/parquet file, or a hub dataset.
+
+Each is prepared into ``results/datasets/<name>.jsonl`` with rows ``{"prompt", "completion"}``; the
+sha256 and row count of that file enter every recipe that trains on it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .fileio import read_jsonl, sha256_file, write_jsonl
+
+DEFAULT_FIELDS = {"prompt": "prompt", "completion": "completion"}
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def _rows_from_file(path: Path) -> list[tuple[str, dict]]:
+    """(location, row) pairs; the location is ``file:line`` for JSONL, ``file row N`` for parquet."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        frame = pd.read_parquet(path)
+        return [(f"{path} row {index}", row) for index, row in enumerate(frame.to_dict(orient="records"))]
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{path}:{line_no}: expected a JSON object")
+            rows.append((f"{path}:{line_no}", row))
+    return rows
+
+
+def _map_rows(located_rows, fields: dict | None) -> list[dict]:
+    fields = fields or DEFAULT_FIELDS
+    out = []
+    for location, row in located_rows:
+        mapped = {}
+        for target, source in fields.items():
+            if source not in row:
+                raise DatasetError(f"{location}: no field {source!r} (mapped to {target!r}); fields: {sorted(row)}")
+            value = row[source]
+            if not isinstance(value, str) or not value.strip():
+                raise DatasetError(f"{location}: field {source!r} must be a non-empty string")
+            mapped[target] = value
+        out.append(mapped)
+    if not out:
+        raise DatasetError("the dataset has no rows")
+    return out
+
+
+def check_local_dataset(path: Path, fields: dict | None, key: str) -> None:
+    """Config-time check: the file exists and every row parses and has the mapped fields."""
+    from .config import ConfigError
+
+    try:
+        _map_rows(_rows_from_file(Path(path)), fields)
+    except DatasetError as err:
+        raise ConfigError(f"{key}.path", str(err)) from None
+
+
+def prepare(spec: dict, out_path: str | Path, *, task_train_files: list[str | Path] = ()) -> dict:
+    """Write the prompt/completion rows of one dataset and return its entry (sha256, rows)."""
+    source = spec["source"]
+    if source == "embedded":
+        rows = []
+        for path in task_train_files:
+            rows += [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_jsonl(path)]
+    elif source == "local":
+        rows = _map_rows(_rows_from_file(Path(spec["path"])), spec.get("fields"))
+    elif source == "hub":
+        from datasets import load_dataset
+
+        hub = load_dataset(spec["repo"], spec.get("name"), split=spec.get("split", "train"), revision=spec.get("revision"))
+        rows = _map_rows(((f"{spec['repo']} row {i}", dict(row)) for i, row in enumerate(hub)), spec["fields"])
+    else:
+        raise DatasetError(f"unknown dataset source {source!r}")
+    if spec.get("max_examples"):
+        rows = rows[: spec["max_examples"]]
+    write_jsonl(out_path, rows)
+    return dataset_entry(out_path)
+
+
+def dataset_entry(path: str | Path) -> dict:
+    return {"sha256": sha256_file(path), "rows": len(read_jsonl(path)), "path": str(path)}

@@ -1,0 +1,287 @@
+"""The body of every Snakemake rule: ``scripts/<rule>.py`` calls ``jobs.<rule>(snakemake)``.
+
+Each job sends its output (Python and C level, subprocesses included) to the rule's log file and
+limits torch to the rule's threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from .fileio import atomic_write_json, atomic_write_text, read_json, write_jsonl
+
+
+@contextlib.contextmanager
+def job_context(smk):
+    """Redirect fds 1 and 2 to the rule's log and pin torch's thread count."""
+    log_path = Path(smk.log[0])
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            threads = max(1, int(getattr(smk, "threads", 1) or 1))
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+            if "torch" in sys.modules or _wants_torch(smk):
+                import torch
+
+                torch.set_num_threads(threads)
+            print(f"[lamdagent] {smk.rule} started {time.strftime('%Y-%m-%dT%H:%M:%S')}", flush=True)
+            yield
+            print(f"[lamdagent] {smk.rule} finished {time.strftime('%Y-%m-%dT%H:%M:%S')}", flush=True)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _wants_torch(smk) -> bool:
+    return smk.rule in {"import_model", "sft", "ties_merging", "evaluate", "propose", "update_memory"}
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def generate_task(smk):
+    from .tasks import write_splits
+
+    with job_context(smk):
+        write_splits(smk.wildcards.task, Path(smk.output.train).parent, dict(smk.params.sizes), smk.params.seed)
+
+
+def prepare_dataset(smk):
+    from .datasets import prepare
+
+    with job_context(smk):
+        entry = prepare(dict(smk.params.spec), smk.output.dataset, task_train_files=list(smk.input.get("tasks", [])))
+        print(f"prepared {smk.wildcards.dataset}: {entry}")
+
+
+# ---- models -----------------------------------------------------------------------------------
+
+
+def import_model(smk):
+    from .models import import_embedded_smollm2, import_hub_model
+
+    spec = dict(smk.params.spec)
+    with job_context(smk):
+        if spec["source"] == "embedded":
+            import_embedded_smollm2(smk.output.model)
+        elif spec["source"] == "hub":
+            import_hub_model(spec["repo"], smk.output.model, revision=spec.get("revision"),
+                             dtype=spec.get("dtype", "auto"))
+        else:
+            raise ValueError(f"models.{smk.wildcards.name}: source {spec['source']!r} needs no import")
+
+
+def _store_recipe(smk, recipe: dict) -> None:
+    atomic_write_json(Path(smk.output.model) / "recipe.json", recipe)
+
+
+def sft(smk):
+    from .launch import distributed_command, gpu_count
+    from .train import sft as run_sft
+
+    recipe = read_json(smk.input.recipe)
+    params = recipe["params"]
+    kwargs = dict(
+        model_dir=smk.input.model,
+        dataset_path=smk.input.dataset,
+        out_dir=smk.output.model,
+        learning_rate=params["learning_rate"],
+        epochs=params["epochs"],
+        batch_size=params["batch_size"],
+        gradient_accumulation_steps=params["gradient_accumulation_steps"],
+        max_length=params["max_length"],
+        seed=recipe["seed"],
+        precision=params["precision"],
+        lr_scheduler_type=params["lr_scheduler_type"],
+        warmup_ratio=params["warmup_ratio"],
+    )
+    with job_context(smk):
+        command = distributed_command(gpu_count(smk.resources), "lamdagent.train", [])
+        if command is None:
+            metrics = run_sft(**kwargs)
+        else:  # several GPUs: one process per GPU, launched inside this job
+            import subprocess
+
+            args_file = Path(smk.log[0]).with_suffix(".args.json")
+            atomic_write_json(args_file, kwargs)
+            subprocess.run([*command, "--args-json", str(args_file)], check=True)
+            metrics = read_json(Path(smk.output.model) / "training_log.json")
+        print(f"sft metrics: {metrics}")
+        _store_recipe(smk, recipe)
+
+
+def ties_merging(smk):
+    from .merge import ties_merge
+
+    recipe = read_json(smk.input.recipe)
+    params = recipe["params"]
+    with job_context(smk):
+        metrics = ties_merge(
+            smk.input.base_model,
+            [smk.input.model_a, smk.input.model_b],
+            params["weights"],
+            params["density"],
+            smk.output.model,
+            normalize=params["normalize"],
+            dtype=params["dtype"],
+            seed=recipe["seed"],
+        )
+        print(f"merge metrics: {metrics}")
+        _store_recipe(smk, recipe)
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+
+def evaluate(smk):
+    from .evaluate import evaluate as run_evaluate
+    from .score import split_tasks
+
+    settings = smk.config["evaluation"]
+    tasks = list(split_tasks(smk.config["eval_tasks"], smk.wildcards.split).values())
+    with job_context(smk):
+        run_evaluate(smk.input.model, tasks, smk.output.evaluation, batch_size=settings["batch_size"],
+                     device=settings["device"], dtype=settings["dtype"], backend=settings["backend"],
+                     limit=settings["limit"], seed=smk.config["seed"])
+
+
+def score(smk):
+    from .score import score as compute_score
+
+    with job_context(smk):
+        result = compute_score(read_json(smk.input.evaluation), smk.config["eval_tasks"], "val")
+        result["model"] = smk.wildcards.model
+        atomic_write_json(smk.output.score, result)
+
+
+# ---- agent ------------------------------------------------------------------------------------
+
+
+def init_pool(smk):
+    from .datasets import dataset_entry
+    from .objects import Pool
+    from .recipe import RecipeStore
+
+    with job_context(smk):
+        datasets = {Path(path).stem: dataset_entry(path) for path in smk.input.datasets}
+        pool = Pool.initial(smk.config, datasets, RecipeStore("results/recipes"))
+        atomic_write_json(smk.output.pool, pool.to_json())
+
+
+def _controller(smk):
+    from .controller import make_controller
+
+    model_dir = smk.input.get("controller_model")
+    return make_controller(smk.config["controller"], model_dir=model_dir, seed=smk.config["seed"])
+
+
+def _load_pool_and_history(smk, upto: int):
+    from .objects import Pool
+    from .plan import history_entries, load_steps
+
+    pool = Pool.from_json(read_json("results/agent/pool.json"))
+    initial, steps = load_steps("results/agent", upto)
+    pool = pool.with_models([s["model"] for s in steps if s.get("status") == "done"])
+    return pool, history_entries(initial, steps)
+
+
+def initial_step(smk):
+    from .objects import Pool
+    from .plan import write_plan
+    from .recipe import RecipeStore, pipeline_text
+
+    store = RecipeStore("results/recipes")
+    with job_context(smk):
+        pool = Pool.from_json(read_json(smk.input.pool))
+        entries = []
+        for model in pool.initial_models:
+            entries.append({
+                "model": model,
+                "name": pool.labels.get(model),
+                "pipeline": pool.label(model),
+                "pipeline_full": pipeline_text(model, store, pool.labels, full=True),
+                "score": read_json(f"results/scores/{model}.json"),
+                "status": "done",
+            })
+        atomic_write_json(smk.output.step, {"iteration": 0, "initial": entries})
+        atomic_write_text(smk.output.memory, smk.config["memory"]["initial"].strip() + "\n")
+        write_plan("results/agent", "results/plan.yaml")
+
+
+def propose(smk):
+    from .agent import CallLog
+    from .agent import propose as run_propose
+    from .plan import write_plan
+    from .recipe import RecipeStore
+
+    iteration = int(smk.wildcards.iteration)
+    with job_context(smk):
+        pool, history = _load_pool_and_history(smk, iteration - 1)
+        memory = Path(smk.input.memory).read_text(encoding="utf-8").strip()
+        log = CallLog()
+        record = run_propose(iteration=iteration, config=smk.config, pool=pool, history=history, memory=memory,
+                             controller=_controller(smk), store=RecipeStore("results/recipes"), log=log)
+        record["status"] = "proposed"
+        write_jsonl(smk.output.calls, log.calls)
+        atomic_write_json(smk.output.proposal, record)
+        write_plan("results/agent", "results/plan.yaml")
+        print(f"iteration {iteration}: {record['pipeline']} -> {record['model']} (fallback {record['fallback']})")
+
+
+def update_memory(smk):
+    from .agent import CallLog
+    from .memory import update_memory as run_update
+    from .plan import write_plan
+
+    iteration = int(smk.wildcards.iteration)
+    with job_context(smk):
+        _, history = _load_pool_and_history(smk, iteration - 1)
+        record = read_json(smk.input.proposal)
+        record["score"] = read_json(smk.input.score)
+        record["status"] = "done"
+        memory = Path(smk.input.memory).read_text(encoding="utf-8").strip()
+        log = CallLog()
+        new_memory, fallback = run_update(config=smk.config, memory=memory, history=history, new=record,
+                                          controller=_controller(smk), log=log)
+        record["fallback"]["memory_update"] = fallback
+        record["calls_memory"] = log.totals()
+        write_jsonl(smk.output.calls, log.calls)
+        atomic_write_text(smk.output.memory, new_memory.strip() + "\n")
+        atomic_write_json(smk.output.step, record)
+        write_plan("results/agent", "results/plan.yaml")
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+
+def leaderboard(smk):
+    from .report import leaderboard_table
+
+    with job_context(smk):
+        table = leaderboard_table([read_json(p) for p in smk.input.steps])
+        atomic_write_text(smk.output.leaderboard, table.to_csv(sep="\t", index=False))
+
+
+def topk(smk):
+    import pandas as pd
+
+    from .report import topk_table
+
+    with job_context(smk):
+        board = pd.read_csv(smk.input.leaderboard, sep="\t")
+        evals = {Path(p).parent.name: read_json(p) for p in smk.input.evals}
+        table = topk_table(board, evals, smk.config["eval_tasks"], smk.config["report"]["top_k"])
+        atomic_write_text(smk.output.topk, table.to_csv(sep="\t", index=False))

@@ -1,0 +1,40 @@
+"""The agent's memory: a short text the controller rewrites after every evaluated step."""
+
+from __future__ import annotations
+
+from . import prompts
+from .parsing import clean_memory
+
+
+def summary_memory(history: list[dict], new: dict) -> str:
+    """The memory written without an LLM (random controller, or as the counted fallback)."""
+    scored = [h for h in history + [new] if h.get("score")]
+    lines = []
+    if scored:
+        best = max(scored, key=lambda h: h["score"]["s_multi"])
+        lines.append(f"Best so far: {best['pipeline']} (score {best['score']['s_multi']:.3f}).")
+    lines.append(f"Last step: {prompts.result_line(new)[2:]}.")
+    return " ".join(lines)
+
+
+def step_note(new: dict, history: list[dict]) -> str:
+    if new.get("repeat_of") is not None:
+        return (f"Note: this choice repeated the recipe of iteration {new['repeat_of']}; nothing was trained and "
+                "the known score was reused. Choose something new next time.")
+    return ""
+
+
+def update_memory(*, config: dict, memory: str, history: list[dict], new: dict, controller, log) -> tuple[str, bool]:
+    """(new memory, fallback used)."""
+    max_words = config["memory"]["max_words"]
+    if controller is None:
+        return summary_memory(history, new), False
+    prompt = prompts.memory_update(eval_tasks=config["eval_tasks"], memory=memory, history=history, new=new,
+                                   note=step_note(new, history), max_words=max_words)
+    settings = config["controller"]
+    text = log.ask_until_parsed(controller, "memory_update", prompt, retries=settings["retries"],
+                                max_tokens=settings["max_tokens"]["memory_update"], stop=None,
+                                parse=lambda reply: clean_memory(reply, max_words))
+    if text is None:
+        return summary_memory(history, new), True
+    return text, False

@@ -1,0 +1,81 @@
+"""The object pool: candidates per object type, growing with every model the agent makes.
+
+Model candidates are model ids: a base model's id is its config name; a recipe model's id is its
+content hash, and the config name (e.g. ``specialist-arith``) is kept as its label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .actions import ACTIONS
+from .config import slot_kinds
+from .recipe import RecipeStore, make_recipe
+
+
+@dataclass
+class Pool:
+    candidates: dict[str, list[Any]]
+    kinds: dict[str, str]
+    labels: dict[str, str] = field(default_factory=dict)  # model id -> config name
+    datasets: dict[str, dict] = field(default_factory=dict)  # dataset name -> {sha256, rows, path}
+    join_types: list[str] = field(default_factory=list)
+    initial_models: list[str] = field(default_factory=list)
+
+    @classmethod
+    def initial(cls, config: dict, datasets: dict[str, dict], store: RecipeStore) -> "Pool":
+        """Resolve config names to ids (saving the recipes of named recipe models, e.g. specialists)."""
+        name_to_id: dict[str, str] = {}
+        labels: dict[str, str] = {}
+        for name, spec in config["models"].items():  # config order: recipes use only earlier models
+            if "recipe" in spec:
+                action = spec["recipe"]["action"]
+                values = [
+                    name_to_id[value] if slot.kind == "model" else value
+                    for slot, value in zip(ACTIONS[action].slots, spec["recipe"]["objects"])
+                ]
+                mid = store.save(recipe_for(config, datasets, action, values))
+            else:
+                mid = name
+            name_to_id[name] = mid
+            labels[mid] = name
+        kinds = slot_kinds(config)
+        candidates = {
+            object_type: [name_to_id[v] if kinds.get(object_type) == "model" else v for v in values]
+            for object_type, values in config["objects"].items()
+        }
+        initial = []
+        for object_type, values in candidates.items():
+            if kinds.get(object_type) == "model":
+                initial += [v for v in values if v not in initial]
+        return cls(candidates=candidates, kinds=kinds, labels=labels, datasets=datasets,
+                   join_types=list(config["generated_models_join"]), initial_models=initial)
+
+    def label(self, value: Any) -> str:
+        return self.labels.get(value, str(value)) if isinstance(value, str) else str(value)
+
+    def add_model(self, model: str) -> None:
+        for object_type in self.join_types:
+            if model not in self.candidates[object_type]:
+                self.candidates[object_type].append(model)
+
+    def with_models(self, models: list[str]) -> "Pool":
+        pool = Pool.from_json(self.to_json())
+        for model in models:
+            pool.add_model(model)
+        return pool
+
+    def to_json(self) -> dict:
+        return {"candidates": self.candidates, "kinds": self.kinds, "labels": self.labels, "datasets": self.datasets,
+                "join_types": self.join_types, "initial_models": self.initial_models}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Pool":
+        return cls(**{key: data[key] for key in ("candidates", "kinds", "labels", "datasets", "join_types",
+                                                  "initial_models")})
+
+
+def recipe_for(config: dict, datasets: dict[str, dict], action: str, values) -> dict:
+    return make_recipe(action, values, datasets=datasets, training=config["training"], merging=config["merging"],
+                       seed=config["seed"])

@@ -1,0 +1,73 @@
+"""Prompt templates for the controller's three calls (after the paper's Appendix templates)."""
+
+from __future__ import annotations
+
+from .actions import ACTIONS
+
+MAX_RESULT_LINES = 10
+
+
+def _tasks_line(eval_tasks: list[dict]) -> str:
+    return ", ".join(f"{t['task']} ({t.get('metric', 'exact_match')})" for t in eval_tasks)
+
+
+def result_line(entry: dict) -> str:
+    score = entry.get("score")
+    if entry.get("status") == "failed":
+        return f"- {entry['pipeline']}: failed ({entry.get('reason', 'unknown reason')})"
+    if not score:
+        return f"- {entry['pipeline']}: not evaluated yet"
+    tasks = ", ".join(f"{name} {value:.2f}" for name, value in score["tasks"].items())
+    return f"- {entry['pipeline']}: score {score['s_multi']:.3f} ({tasks})"
+
+
+def results_block(history: list[dict]) -> str:
+    scored = [h for h in history if h.get("score")]
+    best = sorted(scored, key=lambda h: -h["score"]["s_multi"])[:MAX_RESULT_LINES]
+    failed = [h for h in history if h.get("status") == "failed"][-3:]
+    lines = [result_line(h) for h in best + failed]
+    return "\n".join(lines) if lines else "- none yet"
+
+
+def type_selection(*, eval_tasks, memory: str, history: list[dict], action_types: list[str], counts: dict) -> str:
+    actions = "\n".join(
+        f"{number}. {name}: {ACTIONS[name].describe} ({counts[name]} possible choices)"
+        for number, name in enumerate(action_types, start=1)
+    )
+    return (
+        "You are an agent that builds a post-training pipeline for a language model.\n"
+        f"Goal: the highest total score on the target tasks: {_tasks_line(eval_tasks)}.\n\n"
+        f"Your memory:\n{memory}\n\n"
+        f"Results so far, best first:\n{results_block(history)}\n\n"
+        f"Actions you can take:\n{actions}\n\n"
+        "Keep exploring: an action or combination not tried yet may beat the best pipeline so far.\n"
+        "Reflect briefly on the results, then provide the number of the action you choose at the end."
+    )
+
+
+def object_selection(*, action: str, slots: list[tuple[str, list[str]]], memory: str) -> str:
+    """``slots``: (slot description, candidate labels) in slot order."""
+    blocks = []
+    for number, (describe, labels) in enumerate(slots, start=1):
+        options = "\n".join(f"{index}. {label}" for index, label in enumerate(labels, start=1))
+        blocks.append(f"Slot {number}, {describe}:\n{options}")
+    letters = ", ".join("abcdefgh"[: len(slots)])
+    return (
+        f"You chose the action {action}: {ACTIONS[action].describe}.\n"
+        "Pick one candidate for each slot. Models generated in earlier iterations are as promising as "
+        "the initial ones.\n\n"
+        + "\n\n".join(blocks)
+        + f"\n\nYour memory:\n{memory}\n\n"
+        f"Answer with one number per slot, in slot order, in double square brackets, like [[{letters}]]."
+    )
+
+
+def memory_update(*, eval_tasks, memory: str, history: list[dict], new: dict, note: str, max_words: int) -> str:
+    return (
+        "You keep the memory of an agent that builds post-training pipelines for a language model.\n"
+        f"Target tasks: {_tasks_line(eval_tasks)}.\n\n"
+        f"Previous memory:\n{memory}\n\n"
+        f"Results so far, best first:\n{results_block(history)}\n\n"
+        f"New result (iteration {new['iteration']}):\n{result_line(new)}\n{note}\n\n"
+        f"Rewrite the memory in at most {max_words} words: what worked, what did not, and what to try next."
+    )

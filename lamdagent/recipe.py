@@ -1,0 +1,120 @@
+"""Recipes: the content-addressed description of how a model is made.
+
+A recipe names the action type, its inputs (parent model ids, which are themselves hashes of their
+recipes, and datasets by content hash and size), its hyper-parameters and the seed. The model id is
+``<action>-<16 hex of sha256(canonical recipe)>``: an identical recipe always maps to the same
+``results/models/<id>/`` target, so Snakemake never trains it twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .actions import ACTIONS, action_spec
+from .fileio import atomic_write_json, read_json, sha256_json
+
+ID_HEX = 16
+
+
+def model_id(recipe: dict) -> str:
+    return f"{recipe['action']}-{sha256_json(recipe)[:ID_HEX]}"
+
+
+def is_built_id(model: str) -> bool:
+    return any(model.startswith(f"{action}-") for action in ACTIONS)
+
+
+def make_recipe(action: str, values: tuple | list, *, datasets: dict[str, dict], training: dict, merging: dict,
+                seed: int) -> dict:
+    """Turn a chosen (action, objects) into the recipe that is hashed.
+
+    ``values`` are in slot order; model slots hold model ids, dataset slots dataset names (resolved
+    here to their content hash and size, so changing a dataset changes every id built on it).
+    """
+    spec = action_spec(action)
+    inputs: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for slot, value in zip(spec.slots, values, strict=True):
+        if slot.kind == "model":
+            inputs[slot.name] = value
+        elif slot.kind == "dataset":
+            entry = datasets[value]
+            inputs[slot.name] = {"name": value, "sha256": entry["sha256"], "rows": entry["rows"]}
+        elif slot.kind == "weights":
+            params[slot.name] = [float(x) for x in value]
+        else:
+            params[slot.name] = float(value)
+    if action == "sft":
+        params.update({key: training[key] for key in sorted(training)})
+    elif action == "ties_merging":
+        params.update({key: merging[key] for key in sorted(merging)})
+    return {"action": action, "inputs": inputs, "params": params, "seed": seed}
+
+
+def parent_ids(recipe: dict) -> list[str]:
+    spec = action_spec(recipe["action"])
+    return [recipe["inputs"][slot.name] for slot in spec.slots if slot.kind == "model"]
+
+
+def dataset_names(recipe: dict) -> list[str]:
+    spec = action_spec(recipe["action"])
+    return [recipe["inputs"][slot.name]["name"] for slot in spec.slots if slot.kind == "dataset"]
+
+
+class RecipeStore:
+    """``results/recipes/<id>.json``: written once when a recipe is first proposed, never changed."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, model: str) -> Path:
+        return self.root / f"{model}.json"
+
+    def save(self, recipe: dict) -> str:
+        mid = model_id(recipe)
+        path = self.path(mid)
+        if not path.exists():  # content-addressed: an existing file already holds this recipe
+            atomic_write_json(path, recipe)
+        return mid
+
+    def load(self, model: str) -> dict:
+        path = self.path(model)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no recipe for model {model!r} ({path}); models are proposed by the agent or named in config"
+            )
+        recipe = read_json(path)
+        if model_id(recipe) != model:
+            raise ValueError(f"{path}: recipe content does not hash to {model!r} (file edited by hand?)")
+        return recipe
+
+    def has(self, model: str) -> bool:
+        return self.path(model).exists()
+
+
+def pipeline_text(model: str, store: RecipeStore, labels: dict[str, str], *, full: bool = False) -> str:
+    """``sft(ties(specialist-arith, specialist-choice), all)``: named models stop the recursion.
+
+    ``full`` adds every hyper-parameter chosen from an object list, for audit.
+    """
+    if model in labels and not full:
+        return labels[model]
+    if not is_built_id(model):
+        return labels.get(model, model)
+    recipe = store.load(model)
+    spec = action_spec(recipe["action"])
+    parts = []
+    for slot in spec.slots:
+        if slot.kind == "model":
+            if recipe["action"] == "ties_merging" and slot.name == "base_model" and not full:
+                continue  # the base is implied in the short form, as in the paper's figures
+            parts.append(pipeline_text(recipe["inputs"][slot.name], store, labels, full=full))
+        elif slot.kind == "dataset":
+            parts.append(recipe["inputs"][slot.name]["name"])
+        elif full:
+            parts.append(f"{slot.name}={recipe['params'][slot.name]}")
+    text = f"{spec.short}({', '.join(parts)})"
+    if full and model in labels:
+        text = f"{labels[model]}={text}"
+    return text

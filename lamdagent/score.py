@@ -1,0 +1,56 @@
+"""The score the agent is fed back: s_multi = sum_k alpha_k * s_k over the target tasks.
+
+``weight: auto`` sets alpha_k = 1 / (the metric's maximum), normalising metric ranges as the paper
+does; a number sets alpha_k directly.
+"""
+
+from __future__ import annotations
+
+from .config import METRIC_MAX
+
+EMBEDDED_PREFIX = "lamdagent"
+
+
+def lm_eval_tasks(eval_task: dict, split: str) -> dict[str, str]:
+    """{label: lm-eval task name} to evaluate for one target task on ``val`` or ``test``.
+
+    The test split also runs the out-of-distribution variant, labelled ``<task>_ood``.
+    """
+    task = eval_task["task"]
+    names = eval_task.get("lm_eval_task") or {s: f"{EMBEDDED_PREFIX}_{task}_{s}" for s in ("val", "test", "ood")}
+    if split == "val":
+        return {task: names["val"]}
+    out = {}
+    if names.get("test"):
+        out[task] = names["test"]
+    if names.get("ood"):
+        out[f"{task}_ood"] = names["ood"]
+    return out
+
+
+def split_tasks(eval_tasks: list[dict], split: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for eval_task in eval_tasks:
+        out.update(lm_eval_tasks(eval_task, split))
+    return out
+
+
+def alpha(eval_task: dict) -> float:
+    if eval_task.get("weight", "auto") != "auto":
+        return float(eval_task["weight"])
+    maximum = eval_task.get("max") or METRIC_MAX[eval_task.get("metric", "exact_match").split(",")[0]]
+    return 1.0 / float(maximum)
+
+
+def score(eval_result: dict, eval_tasks: list[dict], split: str = "val") -> dict:
+    """Per-task scores and s_multi from one evaluation JSON (see ``lamdagent.evaluate``)."""
+    from .evaluate import task_metric
+
+    tasks: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for eval_task in eval_tasks:
+        for label, lm_task in lm_eval_tasks(eval_task, split).items():
+            tasks[label] = float(task_metric(eval_result, lm_task, eval_task.get("metric", "exact_match")))
+            weights[label] = alpha(eval_task)
+    s_multi = sum(weights[label] * tasks[label] for label in tasks if not label.endswith("_ood"))
+    return {"split": split, "tasks": tasks, "weights": weights, "s_multi": s_multi}

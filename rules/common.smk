@@ -1,0 +1,185 @@
+# Config checking and the input functions that turn the agent's plan into file targets.
+import os
+
+import lamdagent.config
+from lamdagent.actions import ACTIONS
+from lamdagent.fileio import read_json
+from lamdagent.objects import Pool
+from lamdagent.recipe import RecipeStore, is_built_id
+
+# A bad config stops here, at parse time, before any job: one line naming the key.
+try:
+    config.update(lamdagent.config.load(config, workdir=os.getcwd()))
+except lamdagent.config.ConfigError as err:
+    raise WorkflowError(str(err)) from None
+
+RESULTS = "results"
+RECIPES = RecipeStore(f"{RESULTS}/recipes")
+ITERATIONS = config["iterations"]
+TOP_K = config["report"]["top_k"]
+# Built models are named <action>-<16 hex>; every other model directory is a named import.
+BUILT_ID = "|".join(f"{action}-" for action in ACTIONS)
+
+
+wildcard_constraints:
+    hash="[0-9a-f]{16}",
+    iteration="[0-9]+",
+    split="val|test",
+    task="[A-Za-z0-9_]+",
+    dataset="[A-Za-z0-9][A-Za-z0-9_.-]*",
+
+
+def resources_of(family):
+    """Rule resources from config; memory and time grow with each retry (OOM, time limit)."""
+    spec = config["resources"][family]
+    return {
+        "gpu": spec["gpu"],
+        "cpus_per_gpu": spec["cpus_per_gpu"],
+        "mem_mb": lambda wildcards, attempt: spec["mem_mb"] * attempt,
+        "runtime": lambda wildcards, attempt: spec["runtime"] * attempt,
+    }
+
+
+def model_dir(model):
+    """The directory of a model id: a local named model stays where it is, the rest live in results/."""
+    spec = config["models"].get(model, {})
+    if spec.get("source") == "local":
+        return os.path.normpath(spec["path"])
+    return f"{RESULTS}/models/{model}"
+
+
+def controller_inputs():
+    controller = config["controller"]
+    if controller["type"] != "transformers":
+        return {}
+    model = controller["model"]
+    return {"controller_model": model_dir(model) if model in config["models"] else model}
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def eval_task_names():
+    return [task["task"] for task in config["eval_tasks"] if "lm_eval_task" not in task]
+
+
+def embedded_tasks():
+    """Every generated task: those evaluated and those embedded datasets train on."""
+    names = set(eval_task_names())
+    for spec in config["datasets"].values():
+        if spec["source"] == "embedded":
+            names.update(spec["tasks"])
+    return sorted(names)
+
+
+def dataset_inputs(wildcards):
+    spec = config["datasets"][wildcards.dataset]
+    if spec["source"] == "embedded":
+        return {"tasks": [f"{RESULTS}/data/{task}/train.jsonl" for task in spec["tasks"]]}
+    if spec["source"] == "local":
+        return {"file": spec["path"]}
+    return {}
+
+
+def used_datasets():
+    kinds = lamdagent.config.slot_kinds(config)
+    names = {v for t, values in config["objects"].items() if kinds.get(t) == "dataset" for v in values}
+    for spec in config["models"].values():
+        if "recipe" in spec:
+            slots = ACTIONS[spec["recipe"]["action"]].slots
+            names.update(v for s, v in zip(slots, spec["recipe"]["objects"]) if s.kind == "dataset")
+    return sorted(names)
+
+
+# ---- models -----------------------------------------------------------------------------------
+
+
+def built_model_inputs(action):
+    """Inputs of a model rule: its parents and datasets, read from the recipe the agent saved."""
+
+    def inputs(wildcards):
+        model = f"{action}-{wildcards.hash}"
+        recipe = RECIPES.load(model)
+        spec = ACTIONS[action]
+        named = {"recipe": str(RECIPES.path(model))}
+        for slot in spec.slots:
+            if slot.kind == "model":
+                named[slot.name] = model_dir(recipe["inputs"][slot.name])
+            elif slot.kind == "dataset":
+                named[slot.name] = f"{RESULTS}/datasets/{recipe['inputs'][slot.name]['name']}.jsonl"
+        return named
+
+    return inputs
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+
+def evaluate_inputs(wildcards):
+    inputs = {"model": model_dir(wildcards.model)}
+    data = []
+    for task in eval_task_names():
+        data += [f"{RESULTS}/data/{task}/{s}.jsonl" for s in (["val"] if wildcards.split == "val" else ["test", "ood"])]
+    inputs["data"] = data
+    return inputs
+
+
+# ---- agent ------------------------------------------------------------------------------------
+
+
+def pool():
+    return Pool.from_json(read_json(checkpoints.init_pool.get().output.pool))
+
+
+def proposal(iteration):
+    return read_json(checkpoints.propose.get(iteration=iteration).output.proposal)
+
+
+def agent_dir(iteration):
+    return f"{RESULTS}/agent/iter_{iteration}"
+
+
+def steps_upto(iteration):
+    return [f"{agent_dir(i)}/step.json" for i in range(iteration + 1)]
+
+
+def initial_step_inputs(wildcards):
+    return {
+        "pool": checkpoints.init_pool.get().output.pool,
+        "scores": [f"{RESULTS}/scores/{m}.json" for m in pool().initial_models],
+    }
+
+
+def propose_inputs(wildcards):
+    i = int(wildcards.iteration)
+    return {
+        "pool": f"{RESULTS}/agent/pool.json",
+        "memory": f"{agent_dir(i - 1)}/memory.md",
+        "steps": steps_upto(i - 1),
+        **controller_inputs(),
+    }
+
+
+def update_memory_inputs(wildcards):
+    i = int(wildcards.iteration)
+    chosen = proposal(i)
+    return {
+        "proposal": f"{agent_dir(i)}/proposal.json",
+        "score": f"{RESULTS}/scores/{chosen['model']}.json",
+        "memory": f"{agent_dir(i - 1)}/memory.md",
+        "steps": steps_upto(i - 1),
+        **controller_inputs(),
+    }
+
+
+def topk_inputs(wildcards):
+    import pandas as pd
+
+    board = pd.read_csv(checkpoints.leaderboard.get().output.leaderboard, sep="\t")
+    models = list(board["model"].head(TOP_K))
+    # The base models are reported beside the top-k, as the reference row of the paper's Table 1.
+    models += [m for m in pool().initial_models if not is_built_id(m) and m not in models]
+    return {
+        "leaderboard": checkpoints.leaderboard.get().output.leaderboard,
+        "evals": [f"{RESULTS}/evals/{m}/test.json" for m in models],
+    }

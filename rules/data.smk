@@ -1,0 +1,41 @@
+rule generate_task:
+    output:
+        train="results/data/{task}/train.jsonl",
+        val="results/data/{task}/val.jsonl",
+        test="results/data/{task}/test.jsonl",
+        ood="results/data/{task}/ood.jsonl",
+    params:
+        seed=config["seed"],
+        sizes={
+            "train": config["data"]["train_examples"],
+            "val": config["data"]["val_examples"],
+            "test": config["data"]["test_examples"],
+            "ood": config["data"]["test_examples"],
+        },
+    log:
+        "results/logs/generate_task/{task}.log",
+    benchmark:
+        "results/benchmarks/generate_task/{task}.tsv"
+    localrule: True
+    conda:
+        "../envs/agent.yaml"
+    script:
+        "../scripts/generate_task.py"
+
+
+rule prepare_dataset:
+    input:
+        unpack(dataset_inputs),
+    output:
+        dataset="results/datasets/{dataset}.jsonl",
+    params:
+        spec=lambda wildcards: config["datasets"][wildcards.dataset],
+    log:
+        "results/logs/prepare_dataset/{dataset}.log",
+    benchmark:
+        "results/benchmarks/prepare_dataset/{dataset}.tsv"
+    localrule: True
+    conda:
+        "../envs/agent.yaml"
+    script:
+        "../scripts/prepare_dataset.py"

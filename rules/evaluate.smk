@@ -1,0 +1,33 @@
+# One lm-eval process per (model, split) evaluates every task at once: its start-up is paid once.
+rule evaluate:
+    input:
+        unpack(evaluate_inputs),
+    output:
+        evaluation="results/evals/{model}/{split}.json",
+    threads: config["resources"]["evaluate"]["threads"]
+    resources:
+        **resources_of("evaluate"),
+    log:
+        "results/logs/evaluate/{model}.{split}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{model}.{split}.tsv"
+    conda:
+        "../envs/eval.yaml"
+    script:
+        "../scripts/evaluate.py"
+
+
+rule score:
+    input:
+        evaluation="results/evals/{model}/val.json",
+    output:
+        score="results/scores/{model}.json",
+    log:
+        "results/logs/score/{model}.log",
+    benchmark:
+        "results/benchmarks/score/{model}.tsv"
+    localrule: True
+    conda:
+        "../envs/agent.yaml"
+    script:
+        "../scripts/score.py"

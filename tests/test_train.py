@@ -1,0 +1,145 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lamdagent.fileio import read_json, sha256_file, write_jsonl
+from lamdagent.train import TrainingDiverged, load_prompt_completion, resolve_precision, sft
+
+REPO = Path(__file__).resolve().parent.parent
+ROWS = [{"prompt": f"What is {a} plus {a + 1}?", "completion": str(2 * a + 1), "id": a} for a in range(8)]
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> Path:
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, ROWS)
+    return path
+
+
+def _no_partial_dirs(parent: Path) -> bool:
+    return not any(p.name.endswith(".partial") for p in parent.iterdir())
+
+
+def test_sft_writes_a_loadable_model_and_is_deterministic(tiny_model_dir, dataset, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(learning_rate=1e-3, epochs=1, batch_size=4, max_length=64, seed=7)
+    first = sft(tiny_model_dir, dataset, tmp_path / "a", **kwargs)
+    second = sft(tiny_model_dir, dataset, tmp_path / "b", **kwargs)
+
+    assert first["steps"] == 2 and first["precision"] == "fp32"
+    assert first["tokens_seen"] > 0 and first["tokens_per_s"] > 0
+    assert sha256_file(tmp_path / "a" / "model.safetensors") == sha256_file(tmp_path / "b" / "model.safetensors")
+    assert first["train_loss"] == second["train_loss"]
+
+    log = read_json(tmp_path / "a" / "training_log.json")
+    assert [rec["step"] for rec in log if "loss" in rec] == [1, 2]
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
+    assert tok.chat_template  # the chat template travels with the model
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    assert trained.config.tie_word_embeddings
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = trained.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 3 or out[0, -1].item() == tok.eos_token_id
+    assert _no_partial_dirs(tmp_path)
+
+
+def test_sft_learns_the_completions(tiny_model_dir, tmp_path):
+    """A few epochs on a fixed answer drive the completion loss far down (the loss is on the answer)."""
+    path = tmp_path / "one.jsonl"
+    write_jsonl(path, [{"prompt": "Say the word.", "completion": "banana"}] * 8)
+    metrics = sft(tiny_model_dir, path, tmp_path / "out", learning_rate=2e-2, epochs=4, batch_size=8,
+                  max_length=64, log_path=tmp_path / "logs" / "sft.jsonl")
+    losses = [rec["loss"] for rec in read_json(tmp_path / "out" / "training_log.json") if "loss" in rec]
+    assert len(losses) == metrics["steps"] == 4
+    assert losses[-1] < 0.5 * losses[0]
+    streamed = [json.loads(line) for line in (tmp_path / "logs" / "sft.jsonl").read_text().splitlines()]
+    assert [rec["loss"] for rec in streamed if "loss" in rec] == losses
+
+
+def test_nan_loss_raises_and_writes_nothing(tiny_model_dir, dataset, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+
+    out = tmp_path / "out"
+    with pytest.raises(TrainingDiverged, match="step 1"):
+        sft(broken, dataset, out, learning_rate=1e-3, batch_size=4, max_length=64)
+    assert not out.exists() and _no_partial_dirs(tmp_path)
+    assert issubclass(TrainingDiverged, RuntimeError)
+
+
+def test_malformed_rows_name_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: 'completion'"):
+        load_prompt_completion(path)
+    path.write_text('{"prompt": "a", "completion": 5}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: 'completion'"):
+        load_prompt_completion(path)
+    path.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        load_prompt_completion(path)
+
+
+def test_rows_become_conversational_prompt_completion(dataset):
+    rows = load_prompt_completion(dataset)
+    assert rows[0] == {"prompt": [{"role": "user", "content": "What is 0 plus 1?"}],
+                       "completion": [{"role": "assistant", "content": "1"}]}
+
+
+def test_precision():
+    import torch
+
+    assert resolve_precision("fp32") == "fp32"
+    if not torch.cuda.is_available():
+        assert resolve_precision("auto") == "fp32"
+    with pytest.raises(ValueError):
+        resolve_precision("int8")
+
+
+def test_stale_gguf_quantization_config_is_tolerated(tiny_model_dir, dataset, tmp_path):
+    """A model dequantised from GGUF keeps quantization_config in config.json; Trainer would refuse it."""
+    src = tmp_path / "from-gguf"
+    shutil.copytree(tiny_model_dir, src)
+    config = read_json(src / "config.json")
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    (src / "config.json").write_text(json.dumps(config))
+    sft(src, dataset, tmp_path / "out", learning_rate=1e-3, batch_size=8, max_length=64)
+    assert "quantization_config" not in read_json(tmp_path / "out" / "config.json")
+
+
+def test_module_entry_point_matches_in_process_run(tiny_model_dir, dataset, tmp_path):
+    """``python -m lamdagent.train --args-json`` (what torchrun runs) trains for real, and a fresh
+    process reproduces the in-process weights bit for bit."""
+    kwargs = dict(model_dir=str(tiny_model_dir), dataset_path=str(dataset), out_dir=str(tmp_path / "sub"),
+                  learning_rate=1e-3, epochs=1, batch_size=4, max_length=64, seed=3)
+    args_json = tmp_path / "args.json"
+    args_json.write_text(json.dumps(kwargs))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "lamdagent.train", "--args-json", str(args_json),
+         "--metrics-json", str(tmp_path / "metrics.json")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = read_json(tmp_path / "metrics.json")
+    assert metrics["steps"] == 2 and metrics["wall_s"] > 0
+
+    sft(**{**kwargs, "out_dir": str(tmp_path / "inproc")})
+    assert sha256_file(tmp_path / "sub" / "model.safetensors") == sha256_file(tmp_path / "inproc" / "model.safetensors")
