@@ -97,7 +97,8 @@ def propose(*, iteration: int, config: dict, pool: Pool, history: list[dict], me
         "iteration": iteration,
         "model": mid,
         "action": action,
-        "objects": {slot.name: pool.label(value) for slot, value in zip(ACTIONS[action].slots, combo)},
+        "objects": {slot.name: pool.label(value) if slot.kind == "model" else value
+                    for slot, value in zip(ACTIONS[action].slots, combo)},
         "object_types": object_types,
         "pipeline": pipeline_text(mid, store, pool.labels),
         "pipeline_full": pipeline_text(mid, store, pool.labels, full=True),

@@ -113,6 +113,25 @@ def slot_kinds(config: dict) -> dict[str, str]:
     return kinds
 
 
+def slots_of(action: str):
+    return ACTIONS[action].slots
+
+
+def _value_kind(value: Any, config: dict) -> str:
+    """What a candidate looks like, to catch an object type put in the wrong slot."""
+    if isinstance(value, bool):
+        return "unknown"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, list):
+        return "weights"
+    if isinstance(value, str) and value in config["models"]:
+        return "model"
+    if isinstance(value, str) and value in config["datasets"]:
+        return "dataset"
+    return "unknown"
+
+
 def _check_value(kind: str, value: Any, key: str, config: dict) -> None:
     if kind == "model":
         if not isinstance(value, str) or value not in config["models"]:
@@ -143,14 +162,17 @@ def check(config: dict, workdir: Path) -> None:
         for index, (slot, object_type) in enumerate(zip(slots, object_types)):
             if object_type not in config["objects"]:
                 raise ConfigError(f"action_types.{action}[{index}]", f"unknown object type {object_type!r}")
-    kinds = slot_kinds(config)
     for action, object_types in config["action_types"].items():
-        for index, (slot, object_type) in enumerate(zip(ACTIONS[action].slots, object_types)):
-            if kinds[object_type] != slot.kind:
+        for index, (slot, object_type) in enumerate(zip(slots_of(action), object_types)):
+            # Unknown values (a typo) are reported per value below; here only a clear kind mismatch.
+            held = {_value_kind(value, config) for value in config["objects"][object_type]} - {"unknown"}
+            if held and held != {slot.kind}:
                 raise ConfigError(
                     f"action_types.{action}[{index}]",
-                    f"object type {object_type!r} holds {kinds[object_type]}s but slot {slot.name!r} takes a {slot.kind}",
+                    f"slot {slot.name!r} takes a {slot.kind} but object type {object_type!r} holds "
+                    f"{' and '.join(sorted(held))} values",
                 )
+    kinds = slot_kinds(config)
 
     # Named models.
     for name, spec in config["models"].items():

@@ -39,6 +39,11 @@ def own_task_names(extra_include_paths=()) -> set[str]:
     return names
 
 
+def needs_default_tasks(tasks, extra_include_paths=()) -> bool:
+    """Whether lm-eval's built-in task index must be built: only for a task that is not ours."""
+    return not set(tasks) <= own_task_names(extra_include_paths)
+
+
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -128,7 +133,7 @@ def evaluate(model_dir, tasks: list[str], out_json, *, batch_size: int | str = 1
     dtype = resolve_dtype(dtype, device)
     name, args = model_args(backend, model_dir, device, dtype, batch_size)
 
-    include_defaults = not set(tasks) <= own_task_names(extra_include_paths)
+    include_defaults = needs_default_tasks(tasks, extra_include_paths)
     task_manager = TaskManager(include_path=[str(TASKS_DIR), *map(str, extra_include_paths)],
                                include_defaults=include_defaults)
     missing = [t for t in tasks if t not in task_manager.all_tasks]

@@ -52,12 +52,16 @@ def build_ties_config(base_dir, model_dirs: list, weights: list[float], density:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    paths = [_model_path(path, "model") for path in model_dirs]
+    if len(set(paths)) != len(paths):
+        # mergekit keys inputs by path and refuses duplicates ("Duplicate merge inputs").
+        raise ValueError(f"a model directory is listed twice in {paths}; merge distinct directories")
     return {
         "merge_method": "ties",
         "base_model": _model_path(base_dir, "base model"),
         "models": [
-            {"model": _model_path(path, "model"), "parameters": {"weight": float(w), "density": float(density)}}
-            for path, w in zip(model_dirs, weights)
+            {"model": path, "parameters": {"weight": float(w), "density": float(density)}}
+            for path, w in zip(paths, weights)
         ],
         "parameters": {"normalize": bool(normalize)},
         "dtype": dtype,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 
-_INT = re.compile(r"(?<![\d.])\d{1,4}(?![\d.])")
+# Whole numbers of up to 4 digits, not parts of decimals ("1.5") but allowing a full stop after ("2.").
+_INT = re.compile(r"(?<![\d.])(?<!\d\.)\d{1,4}(?!\d)(?!\.\d)")
 _BRACKETS = re.compile(r"\[\[([^\[\]]*)\]\]")
 
 

@@ -47,7 +47,8 @@ def test_two_copies_of_a_model_merge_back_to_it(tiny_model_dir, tuned_dir, tmp_p
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
-    info = ties_merge(tiny_model_dir, [tuned_dir, tuned_dir], [0.3, 0.7], 1.0, out)
+    twin = shutil.copytree(tuned_dir, tmp_path / "twin")  # mergekit refuses the same path twice
+    info = ties_merge(tiny_model_dir, [tuned_dir, twin], [0.3, 0.7], 1.0, out)
     _assert_weights(out, _weights(tuned_dir))
     assert info["method"] == "ties" and info["merge_runtime_s"] > 0 and info["n_models"] == 2
 
@@ -108,6 +109,11 @@ def test_invalid_arguments(tiny_model_dir, tuned_dir, tmp_path, weights, density
     with pytest.raises(ValueError, match=match):
         ties_merge(tiny_model_dir, [tuned_dir, tuned_dir], weights, density, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_duplicate_model_dir_is_rejected(tiny_model_dir, tuned_dir, tmp_path):
+    with pytest.raises(ValueError, match="listed twice"):
+        ties_merge(tiny_model_dir, [tuned_dir, tuned_dir], [0.5, 0.5], 1.0, tmp_path / "m")
 
 
 def test_missing_model_dir_is_not_looked_up_on_a_hub(tiny_model_dir, tmp_path):

@@ -58,10 +58,12 @@ def test_sft_learns_the_completions(tiny_model_dir, tmp_path):
     """A few epochs on a fixed answer drive the completion loss far down (the loss is on the answer)."""
     path = tmp_path / "one.jsonl"
     write_jsonl(path, [{"prompt": "Say the word.", "completion": "banana"}] * 8)
-    metrics = sft(tiny_model_dir, path, tmp_path / "out", learning_rate=2e-2, epochs=4, batch_size=8,
-                  max_length=64, log_path=tmp_path / "logs" / "sft.jsonl")
-    losses = [rec["loss"] for rec in read_json(tmp_path / "out" / "training_log.json") if "loss" in rec]
-    assert len(losses) == metrics["steps"] == 4
+    metrics = sft(tiny_model_dir, path, tmp_path / "out", learning_rate=2e-2, epochs=4, batch_size=4,
+                  max_length=64, lr_scheduler_type="constant", log_path=tmp_path / "logs" / "sft.jsonl")
+    log = read_json(tmp_path / "out" / "training_log.json")
+    losses = [rec["loss"] for rec in log if "loss" in rec]
+    assert len(losses) == metrics["steps"] == 8
+    assert {rec["learning_rate"] for rec in log if "learning_rate" in rec} == {2e-2}
     assert losses[-1] < 0.5 * losses[0]
     streamed = [json.loads(line) for line in (tmp_path / "logs" / "sft.jsonl").read_text().splitlines()]
     assert [rec["loss"] for rec in streamed if "loss" in rec] == losses

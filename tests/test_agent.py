@@ -1,0 +1,169 @@
+"""The selection logic with a scripted controller (the real LLMs are in the end-to-end tests)."""
+
+import pytest
+
+from lamdagent.agent import CallLog, propose
+from lamdagent.controller import Completion
+from lamdagent.memory import update_memory
+from lamdagent.objects import Pool
+from lamdagent.prompts import object_selection, type_selection
+from lamdagent.recipe import RecipeStore, make_recipe, model_id
+
+
+class Scripted:
+    """Answers with the given replies in order; raising an exception for an Exception item."""
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.prompts = []
+
+    def complete(self, prompt, *, max_tokens, stop=None):
+        self.prompts.append(prompt)
+        reply = self.replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        return Completion(text=reply, tokens_in=len(prompt.split()), tokens_out=len(reply.split()), latency_s=0.01)
+
+
+def config():
+    return {
+        "seed": 7,
+        "controller": {"type": "transformers", "retries": 1, "stop": ["\n"],
+                       "max_tokens": {"type_selection": 8, "object_selection": 8, "memory_update": 40}},
+        "memory": {"max_words": 30},
+        "action_types": {"sft": ["models", "sft_dataset", "sft_lr"],
+                         "ties_merging": ["base_models", "models", "models", "ties_weights", "ties_density"]},
+        "eval_tasks": [{"task": "arith", "metric": "exact_match"}],
+        "training": {"epochs": 1}, "merging": {},
+    }
+
+
+def specialist_recipe(dataset):
+    return make_recipe("sft", ("base", dataset, 1e-5), datasets=DATASETS, training={"epochs": 1}, merging={}, seed=7)
+
+
+def specialist(store: RecipeStore) -> None:
+    store.save(specialist_recipe("arith"))
+    store.save(specialist_recipe("all"))
+
+
+DATASETS = {"arith": {"sha256": "1" * 64, "rows": 8}, "all": {"sha256": "2" * 64, "rows": 16}}
+SPECIALIST = model_id(specialist_recipe("arith"))
+GENERALIST = model_id(specialist_recipe("all"))
+
+
+def pool():
+    return Pool(
+        candidates={"base_models": ["base"], "models": ["base", SPECIALIST, GENERALIST], "sft_dataset": ["arith", "all"],
+                    "sft_lr": [1e-5], "ties_weights": [[0.5, 0.5]], "ties_density": [0.5]},
+        kinds={"base_models": "model", "models": "model", "sft_dataset": "dataset", "sft_lr": "number",
+               "ties_weights": "weights", "ties_density": "number"},
+        labels={"base": "base", SPECIALIST: "specialist", GENERALIST: "generalist"},
+        datasets=DATASETS,
+        join_types=["models"], initial_models=["base", SPECIALIST, GENERALIST],
+    )
+
+
+HISTORY = [{"iteration": 0, "model": "base", "pipeline": "base", "status": "done",
+            "score": {"s_multi": 0.1, "tasks": {"arith": 0.1}}}]
+
+
+def run(replies, history=HISTORY, tmp_path=None):
+    controller = Scripted(replies)
+    log = CallLog()
+    specialist(RecipeStore(tmp_path))
+    record = propose(iteration=1, config=config(), pool=pool(), history=history, memory="No results yet.",
+                     controller=controller, store=RecipeStore(tmp_path), log=log)
+    return record, log, controller
+
+
+def test_parsed_choices_build_the_recipe(tmp_path):
+    record, log, _ = run(["I think fine-tuning is best: 1", "[[2, 2, 1]]"], tmp_path=tmp_path)
+    assert record["action"] == "sft"
+    assert record["objects"] == {"model": "specialist", "dataset": "all", "learning_rate": 1e-5}
+    assert record["pipeline"] == "sft(specialist, all)"
+    assert record["fallback"] == {"type_selection": False, "object_selection": False}
+    assert [c["kind"] for c in log.calls] == ["type_selection", "object_selection"]
+    assert (tmp_path / f"{record['model']}.json").exists()
+    assert log.totals()["tokens_in"] > 0
+
+
+def test_unparsable_reply_is_asked_again_then_falls_back(tmp_path):
+    record, log, _ = run(["no idea", "still no idea", "[[9, 9, 9]]", "[[i, j, k]]"], tmp_path=tmp_path)
+    assert record["fallback"] == {"type_selection": True, "object_selection": True}
+    assert len(log.calls) == 4
+    again, _, _ = run(["no idea", "still no idea", "[[9, 9, 9]]", "[[i, j, k]]"], tmp_path=tmp_path)
+    assert again["model"] == record["model"]  # the fallback is seeded
+
+
+def test_retry_succeeds_on_second_attempt(tmp_path):
+    record, log, _ = run(["hmm", "2", "[[1, 2, 3, 1, 1]]"], tmp_path=tmp_path)
+    assert record["action"] == "ties_merging"
+    assert record["objects"]["model_a"] == "specialist" and record["objects"]["model_b"] == "generalist"
+    assert record["fallback"] == {"type_selection": False, "object_selection": False}
+    assert [c["attempt"] for c in log.calls] == [0, 1, 0]
+
+
+def test_merge_with_the_base_itself_is_rejected(tmp_path):
+    record, log, _ = run(["2", "[[1, 1, 2, 1, 1]]", "[[1, 2, 1, 1, 1]]"], tmp_path=tmp_path)
+    assert record["action"] == "ties_merging"
+    assert record["fallback"]["object_selection"] is True  # both replies merge the base with itself
+    assert log.calls[1]["parsed"] is None and log.calls[2]["parsed"] is None
+
+
+def test_controller_errors_are_recorded_and_answered_by_the_fallback(tmp_path):
+    record, log, _ = run([ConnectionError("refused"), ConnectionError("refused"), "[[1, 1, 1]]"], tmp_path=tmp_path)
+    assert record["fallback"]["type_selection"] is True
+    assert log.calls[0]["error"].startswith("ConnectionError")
+
+
+def test_a_known_recipe_is_flagged_as_a_repeat(tmp_path):
+    first, _, _ = run(["1", "[[1, 1, 1]]"], tmp_path=tmp_path)
+    history = HISTORY + [{"iteration": 1, "model": first["model"], "pipeline": first["pipeline"], "status": "done",
+                          "score": {"s_multi": 0.3, "tasks": {"arith": 0.3}}}]
+    again, _, _ = run(["1", "[[1, 1, 1]]"], history=history, tmp_path=tmp_path)
+    assert again["model"] == first["model"] and again["repeat_of"] == 1
+
+
+def test_random_controller_is_seeded_and_uniform_over_actions(tmp_path):
+    seen = set()
+    specialist(RecipeStore(tmp_path))
+    for iteration in range(1, 30):
+        record = propose(iteration=iteration, config=config(), pool=pool(), history=HISTORY, memory="",
+                         controller=None, store=RecipeStore(tmp_path), log=CallLog())
+        seen.add(record["action"])
+        again = propose(iteration=iteration, config=config(), pool=pool(), history=HISTORY, memory="",
+                        controller=None, store=RecipeStore(tmp_path), log=CallLog())
+        assert again["model"] == record["model"]
+    assert seen == {"sft", "ties_merging"}
+
+
+def test_prompts_follow_the_paper_template():
+    prompt = type_selection(eval_tasks=config()["eval_tasks"], memory="m", history=HISTORY,
+                            action_types=["sft", "ties_merging"], counts={"sft": 4, "ties_merging": 1})
+    assert "1. sft" in prompt and "2. ties_merging" in prompt
+    assert "Keep exploring" in prompt and prompt.rstrip().endswith("at the end.")
+    objects = object_selection(action="sft", slots=[("the model", ["a", "b"]), ("the dataset", ["x"])], memory="m")
+    assert "as promising as the initial ones" in objects
+    assert "[[a, b]]" in objects  # a neutral example: letters, not indices a small model would copy
+
+
+def test_memory_update_uses_the_reply_or_counts_the_fallback():
+    new = {"iteration": 1, "model": "sft-x", "pipeline": "sft(base, all)", "status": "done",
+           "score": {"s_multi": 0.4, "tasks": {"arith": 0.4}}, "repeat_of": None}
+    text, fallback = update_memory(config=config(), memory="old", history=HISTORY, new=new,
+                                   controller=Scripted(["SFT on all helped a lot; try merging next."]), log=CallLog())
+    assert text.startswith("SFT on all helped") and fallback is False
+    text, fallback = update_memory(config=config(), memory="old", history=HISTORY, new=new,
+                                   controller=Scripted(["", "  "]), log=CallLog())
+    assert fallback is True and "sft(base, all)" in text
+    repeat = dict(new, repeat_of=1)
+    controller = Scripted(["Repeating did not help; try something new."])
+    update_memory(config=config(), memory="old", history=HISTORY, new=repeat, controller=controller, log=CallLog())
+    assert "repeated the recipe of iteration 1" in controller.prompts[0]
+
+
+@pytest.mark.parametrize("reply", ["", "1", "[[1]]", "nonsense", "[[2, 1, 1]]"])
+def test_any_reply_gives_a_valid_action(tmp_path, reply):
+    record, _, _ = run([reply] * 4, tmp_path=tmp_path)
+    assert record["action"] in {"sft", "ties_merging"}

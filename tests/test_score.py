@@ -1,0 +1,35 @@
+import pytest
+
+from lamdagent.score import alpha, lm_eval_tasks, score
+
+
+def evaluation(values: dict) -> dict:
+    return {"tasks": {name: {"exact_match,extract": value} for name, value in values.items()}}
+
+
+def test_auto_weight_normalises_by_the_metric_maximum():
+    assert alpha({"task": "arith", "metric": "exact_match", "weight": "auto"}) == 1.0
+    assert alpha({"task": "x", "metric": "bleu", "weight": "auto"}) == pytest.approx(0.01)
+    assert alpha({"task": "x", "metric": "score", "weight": "auto", "max": 10}) == pytest.approx(0.1)
+    assert alpha({"task": "x", "weight": 2.5}) == 2.5
+
+
+def test_s_multi_is_the_weighted_sum_on_validation():
+    tasks = [{"task": "arith", "metric": "exact_match", "weight": "auto"},
+             {"task": "choice", "metric": "exact_match", "weight": 2.0}]
+    result = score(evaluation({"lamdagent_arith_val": 0.5, "lamdagent_choice_val": 0.25}), tasks, "val")
+    assert result["tasks"] == {"arith": 0.5, "choice": 0.25}
+    assert result["s_multi"] == pytest.approx(0.5 + 2.0 * 0.25)
+
+
+def test_test_split_reports_ood_apart_from_s_multi():
+    tasks = [{"task": "arith", "metric": "exact_match"}]
+    result = score(evaluation({"lamdagent_arith_test": 0.4, "lamdagent_arith_ood": 0.1}), tasks, "test")
+    assert result["tasks"] == {"arith": 0.4, "arith_ood": 0.1}
+    assert result["s_multi"] == pytest.approx(0.4)
+
+
+def test_real_lm_eval_tasks_are_named_in_config():
+    task = {"task": "gsm8k", "lm_eval_task": {"val": "gsm8k_val", "test": "gsm8k"}}
+    assert lm_eval_tasks(task, "val") == {"gsm8k": "gsm8k_val"}
+    assert lm_eval_tasks(task, "test") == {"gsm8k": "gsm8k"}
