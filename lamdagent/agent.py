@@ -117,14 +117,13 @@ def _select_objects(action, config, pool, combos, memory, controller, log, fallb
     slots = [(slot.describe, [pool.label(v) for v in values])
              for slot, values in zip(ACTIONS[action].slots, candidate_lists)]
     prompt = prompts.object_selection(action=action, slots=slots, memory=memory)
-    valid = set(combos)
 
     def parse(reply: str):
         picked = parse_objects(reply, [len(values) for values in candidate_lists])
         if picked is None:
             return None
         combo = tuple(values[i] for values, i in zip(candidate_lists, picked))
-        return combo if combo in valid else None  # e.g. a merge of a model with itself
+        return combo if combo in combos else None  # e.g. a merge of a model with itself
 
     combo = log.ask_until_parsed(controller, "object_selection", prompt, retries=settings["retries"],
                                  max_tokens=settings["max_tokens"]["object_selection"], stop=settings["stop"],
