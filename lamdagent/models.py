@@ -44,6 +44,10 @@ def import_embedded_smollm2(out_dir: str | Path) -> Path:
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     config.architectures = [type(loaded).__name__]
+    # The weights are dequantised to float32: a GGUF quantization_config left in config.json would
+    # make transformers treat the model as quantised and refuse to fine-tune it.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config

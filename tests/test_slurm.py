@@ -82,10 +82,12 @@ def slurm_command(workdir: Path, *args: str) -> list[str]:
     return [SNAKEMAKE, "--profile", str(CI_PROFILE), "--workflow-profile", "none", "--directory", str(workdir), *args]
 
 
-def cancel_leftovers(output: str) -> None:
-    """scancel the jobs of a run that was stopped (its jobs are named after the SLURM run ID)."""
-    for run_id in set(re.findall(r"SLURM run ID: (\S+)", output)):
+def cancel_leftovers(output: str) -> list[str]:
+    """scancel the jobs of a run that was stopped (its jobs are named after its SLURM run ID)."""
+    run_ids = sorted(set(re.findall(r"SLURM run ID: (\S+)", output)))
+    for run_id in run_ids:
         subprocess.run(["scancel", "--name", run_id], capture_output=True, timeout=30)
+    return run_ids
 
 
 def run_bounded(command: list[str], cwd: Path, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -101,11 +103,13 @@ def run_bounded(command: list[str], cwd: Path, timeout: float, env: dict | None 
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             output, _ = process.communicate()
-        cancel_leftovers(output)
-        queue = subprocess.run(["squeue", "--states=all", "--format=%i %j %T %R %k"], capture_output=True, text=True)
+        run_ids = cancel_leftovers(output)
+        queue = subprocess.run(["squeue", "--states=all", "--format=%i %T %R %k", f"--name={','.join(run_ids)}"],
+                               capture_output=True, text=True) if run_ids else None
         pytest.fail(f"snakemake on SLURM ran past {timeout:.0f} s and was stopped with SIGINT (a status-polling "
                     f"hang: is slurm-status-command squeue and MinJobAge >= 3 x the init delay?).\n"
-                    f"squeue:\n{queue.stdout}\nlog tail:\n{output[-6000:]}", pytrace=False)
+                    f"squeue (this run's jobs):\n{queue.stdout if queue else '-'}\nlog tail:\n{output[-6000:]}",
+                    pytrace=False)
     return subprocess.CompletedProcess(command, process.returncode, output, "")
 
 
@@ -113,7 +117,7 @@ def submitted_jobs(output: str, workdir: Path) -> list[tuple[str, str, Path]]:
     """(rule, SLURM job id, SLURM log) of every job the run submitted with sbatch."""
     jobs = [(rule, slurm_id, Path(log)) for _, slurm_id, log, rule in SUBMITTED.findall(output)]
     for rule, slurm_id, log in jobs:
-        assert log.is_relative_to(workdir / ".snakemake" / "slurm_logs"), log
+        assert log.is_relative_to(workdir.resolve() / ".snakemake" / "slurm_logs"), log
         assert log.name == f"{slurm_id}.log" and f"rule_{rule}" in log.parts, log
     return jobs
 
@@ -220,7 +224,11 @@ def test_exploration_on_slurm_matches_local_run(slurm_cluster, tiny_model_dir, t
     run_snakemake(local_dir, local_config, "--workflow-profile", "none", timeout=1200)
     result = run_snakemake(slurm_dir, slurm_config, "--profile", str(CI_PROFILE), "--workflow-profile", "none",
                            timeout=1800)
-    output = result.stdout
+    check_exploration_on_slurm(result.stdout, slurm_dir)
+    check_same_shape(local_dir, slurm_dir, iterations)
+
+
+def check_exploration_on_slurm(output: str, slurm_dir: Path) -> None:
     assert "Falling back to 'sacct'" not in output, "the plugin ignored slurm-status-command: squeue"
 
     # Model building and evaluation went through sbatch, and ran in SLURM jobs.
@@ -230,17 +238,21 @@ def test_exploration_on_slurm_matches_local_run(slurm_cluster, tiny_model_dir, t
     assert "evaluate" in submitted_rules and submitted_rules & {"sft", "ties_merging"}, output[-6000:]
     assert_ran_in_slurm(jobs)
 
-    # The agent ran in the Snakemake process (printed as "localrule <name>:"), never through sbatch.
-    local_rules = set(re.findall(r"^localrule (\w+):", output, re.M))
+    # The agent ran in the Snakemake process ("localrule <name>:" / "localcheckpoint <name>:"), not via sbatch.
+    local_rules = set(re.findall(r"^local(?:rule|checkpoint) (\w+):", output, re.M))
     assert AGENT_RULES <= local_rules, f"agent rules not run locally: {AGENT_RULES - local_rules}"
-    for log in (slurm_dir / ".snakemake" / "slurm_logs").glob("rule_*"):
-        assert log.name.removeprefix("rule_") in REMOTE_RULES, log
+    for log_dir in (slurm_dir / ".snakemake" / "slurm_logs").glob("rule_*"):
+        assert log_dir.name.removeprefix("rule_") in REMOTE_RULES, log_dir
 
-    # Same results, in shape, as the local run: the same leaderboard columns and rows, the same agent
-    # record (one step per iteration), the same number of models and evaluations.
+
+def check_same_shape(local_dir: Path, slurm_dir: Path, iterations: int) -> None:
+    """Same results, in shape, as the local run: the same leaderboard columns and rows (the same
+    initial pool), the same agent record (one plan step per iteration), as many models and evaluations."""
     local_rows, slurm_rows = leaderboard_rows(local_dir), leaderboard_rows(slurm_dir)
-    assert slurm_rows and len(slurm_rows) == len(local_rows)
+    assert slurm_rows and len(slurm_rows) == len(local_rows), (slurm_rows, local_rows)
     assert list(slurm_rows[0]) == list(local_rows[0])
+    initial = sorted(row["model"] for row in local_rows if row["iteration"] == "0")
+    assert sorted(row["model"] for row in slurm_rows if row["iteration"] == "0") == initial
     assert agent_files(slurm_dir) == agent_files(local_dir)
     for i in range(iterations + 1):
         assert (slurm_dir / f"results/agent/iter_{i}/step.json").is_file()

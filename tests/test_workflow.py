@@ -1,0 +1,177 @@
+"""End to end: the real workflow on a tiny random Llama (SFT with trl, TIES with mergekit, lm-eval)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2e import REPO, run_snakemake, snakemake_command, test_env, write_tiny_config
+
+LAMDAGENT = str(Path(sys.executable).with_name("lamdagent"))
+
+
+def model_files(workdir: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime_ns) of every finished model's weights: a retrained model gets new ones."""
+    out = {}
+    for weights in (workdir / "results" / "models").glob("*/model.safetensors"):
+        stat = weights.stat()
+        out[weights.parent.name] = (stat.st_ino, stat.st_mtime_ns)
+    return out
+
+
+def finished_counts(workdir: Path) -> dict[str, int]:
+    counts = {}
+    for rule in ("sft", "ties_merging"):
+        for log in (workdir / "results" / "logs" / rule).glob("*.log"):
+            counts[f"{rule}-{log.stem}"] = log.read_text().count(f"[lamdagent] {rule} finished")
+    return counts
+
+
+def check_plan_agrees_with_results(workdir: Path, iterations: int, local_models: set[str]) -> dict:
+    plan = yaml.safe_load((workdir / "results" / "plan.yaml").read_text())
+    assert [step["iteration"] for step in plan["steps"]] == list(range(1, iterations + 1))
+    for entry in plan["initial"] + plan["steps"]:
+        model = entry["model"]
+        if model not in local_models:
+            assert (workdir / "results" / "models" / model / "config.json").is_file(), model
+            assert (workdir / "results" / "models" / model / "recipe.json").is_file() or "-" not in model
+        score = yaml.safe_load((workdir / "results" / "scores" / f"{model}.json").read_text())
+        assert entry["score"] == pytest.approx(score["s_multi"], abs=1e-6)
+    for step in plan["steps"]:
+        assert step["status"] == "done" and step["controller"]
+    return plan
+
+
+def test_bad_config_stops_before_any_job_with_one_line(tmp_path, tiny_model_dir):
+    config = write_tiny_config(tmp_path, tiny_model_dir)
+    data = yaml.safe_load(config.read_text())
+    data["action_types"]["sft"] = ["models", "no_such_objects", "sft_lr"]
+    config.write_text(yaml.safe_dump(data))
+    result = run_snakemake(tmp_path, config, check=False, timeout=120)
+    assert result.returncode != 0
+    assert "config: action_types.sft[1]: unknown object type 'no_such_objects'" in result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_random_exploration_is_killed_resumes_and_continues(tmp_path, tiny_model_dir):
+    workdir = tmp_path / "run"
+    config = write_tiny_config(workdir, tiny_model_dir, iterations=3)
+
+    # Start, and kill -9 the whole run (Snakemake and its jobs) once the agent's first step is chosen.
+    process = subprocess.Popen(snakemake_command(workdir, config), cwd=workdir, env=test_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proposal = workdir / "results" / "agent" / "iter_1" / "proposal.json"
+    deadline = time.monotonic() + 600
+    while not proposal.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.0)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = model_files(workdir)
+    assert before, "no model had finished before the kill"
+    assert not any(p.name.endswith(".partial") for p in (workdir / "results" / "models").iterdir()
+                   if (p / "model.safetensors").exists() and p.name not in before)
+
+    # The stale lock of the killed run is cleared, then the same command finishes the exploration.
+    subprocess.run([LAMDAGENT, "unlock-stale", "--directory", str(workdir)], check=True)
+    run_snakemake(workdir, config, timeout=900)
+    after = model_files(workdir)
+    assert {m: after[m] for m in before} == before, "a model that had finished was rebuilt"
+    assert all(count == 1 for count in finished_counts(workdir).values()), finished_counts(workdir)
+    plan = check_plan_agrees_with_results(workdir, 3, {"tiny"})
+    board = (workdir / "results" / "leaderboard.tsv").read_text().splitlines()
+    distinct = {e["model"] for e in plan["initial"] + plan["steps"]}
+    assert len(board) == 1 + len(distinct)
+    assert board[0].split("\t")[:4] == ["rank", "model", "iteration", "pipeline"]
+    topk = (workdir / "results" / "report" / "topk.tsv").read_text().splitlines()
+    assert "test_arith_ood" in topk[0] and len(topk) >= 3
+    for iteration in range(1, 4):
+        calls = workdir / "results" / "agent" / f"iter_{iteration}" / "propose_calls.jsonl"
+        assert calls.exists()  # the random controller makes no LLM calls, but the record is there
+
+    # A larger `iterations` continues from the last memory: earlier steps stay as they are.
+    steps = {i: (workdir / "results" / "agent" / f"iter_{i}" / "step.json").stat().st_mtime_ns for i in range(4)}
+    config_data = yaml.safe_load(config.read_text())
+    config_data["iterations"] = 4
+    config.write_text(yaml.safe_dump(config_data))
+    run_snakemake(workdir, config, timeout=600)
+    assert {i: (workdir / "results" / "agent" / f"iter_{i}" / "step.json").stat().st_mtime_ns
+            for i in range(4)} == steps
+    check_plan_agrees_with_results(workdir, 4, {"tiny"})
+    assert {m: model_files(workdir)[m] for m in after} == after
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def openai_server(tmp_path, tiny_model_dir):
+    """`transformers serve` on 127.0.0.1: a real OpenAI-compatible server for the tiny model."""
+    port = free_port()
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    env = dict(test_env(), HF_HUB_CACHE=str(cache))
+    command = [str(Path(sys.executable).with_name("transformers")), "serve", str(tiny_model_dir),
+               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()
+                time.sleep(0.5)
+        else:
+            raise AssertionError("transformers serve did not come up")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_openai_controller_against_a_real_server(tmp_path, tiny_model_dir, openai_server, monkeypatch):
+    secret = "sk-lamdagent-test-7f3a9c1e5b2d4680"
+    monkeypatch.setenv("LAMDAGENT_TEST_KEY", secret)
+    workdir = tmp_path / "run"
+    controller = {"type": "openai", "model": str(tiny_model_dir), "base_url": openai_server,
+                  "api_key_env": "LAMDAGENT_TEST_KEY", "temperature": 0, "timeout_s": 60}
+    config = write_tiny_config(workdir, tiny_model_dir, iterations=2, controller=controller)
+    run_snakemake(workdir, config, timeout=900)
+
+    plan = check_plan_agrees_with_results(workdir, 2, {"tiny"})
+    assert all(step["controller"] == "openai" for step in plan["steps"])
+    kinds = []
+    for iteration in (1, 2):
+        folder = workdir / "results" / "agent" / f"iter_{iteration}"
+        calls = [yaml.safe_load(line) for line in (folder / "propose_calls.jsonl").read_text().splitlines()]
+        calls += [yaml.safe_load(line) for line in (folder / "memory_calls.jsonl").read_text().splitlines()]
+        for call in calls:
+            assert call["error"] is None, call["error"]
+            assert call["tokens_in"] > 0 and call["latency_s"] > 0 and call["reply"] is not None
+            assert call["prompt"]
+        kinds += [call["kind"] for call in calls]
+    assert {"type_selection", "object_selection", "memory_update"} <= set(kinds)
+
+    # The key's value is nowhere in what the run wrote.
+    for root in (workdir / "results", workdir / ".snakemake"):
+        for path in root.rglob("*"):
+            if path.is_file() and path.stat().st_size < 50_000_000:
+                assert secret.encode() not in path.read_bytes(), path
