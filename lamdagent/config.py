@@ -256,21 +256,33 @@ def check(config: dict, workdir: Path) -> None:
 
 
 def _check_recipe_models(config: dict, kinds: dict[str, str]) -> None:
-    """Recipes in config (e.g. the specialists) may only use models defined before them."""
-    defined: set[str] = set()
+    """Recipes in config (e.g. the specialists) may use any other named model, without cycles."""
     for name, spec in config["models"].items():
         recipe = spec.get("recipe")
-        if recipe:
-            key = f"models.{name}.recipe"
-            action = recipe["action"]
-            if action not in ACTIONS:
-                raise ConfigError(f"{key}.action", f"unknown action type {action!r}; known: {', '.join(ACTIONS)}")
-            slots = ACTIONS[action].slots
-            if len(recipe["objects"]) != len(slots):
-                raise ConfigError(f"{key}.objects", f"{action} takes {len(slots)} objects "
-                                                    f"({', '.join(s.name for s in slots)}), got {len(recipe['objects'])}")
-            for index, (slot, value) in enumerate(zip(slots, recipe["objects"])):
-                _check_value(slot.kind, value, f"{key}.objects[{index}]", config)
-                if slot.kind == "model" and value not in defined:
-                    raise ConfigError(f"{key}.objects[{index}]", f"model {value!r} must be defined before {name!r}")
-        defined.add(name)
+        if not recipe:
+            continue
+        key = f"models.{name}.recipe"
+        action = recipe["action"]
+        if action not in ACTIONS:
+            raise ConfigError(f"{key}.action", f"unknown action type {action!r}; known: {', '.join(ACTIONS)}")
+        slots = ACTIONS[action].slots
+        if len(recipe["objects"]) != len(slots):
+            raise ConfigError(f"{key}.objects", f"{action} takes {len(slots)} objects "
+                                                f"({', '.join(s.name for s in slots)}), got {len(recipe['objects'])}")
+        for index, (slot, value) in enumerate(zip(slots, recipe["objects"])):
+            _check_value(slot.kind, value, f"{key}.objects[{index}]", config)
+    for name in config["models"]:
+        recipe_order(config, name)
+
+
+def recipe_order(config: dict, name: str, _visiting: tuple = ()) -> list[str]:
+    """Named models in the order they must be resolved (parents first); a cycle is a config error."""
+    if name in _visiting:
+        raise ConfigError(f"models.{name}.recipe", f"cycle: {' -> '.join(_visiting + (name,))}")
+    recipe = config["models"][name].get("recipe")
+    order: list[str] = []
+    if recipe:
+        for slot, value in zip(ACTIONS[recipe["action"]].slots, recipe["objects"]):
+            if slot.kind == "model":
+                order += [m for m in recipe_order(config, value, _visiting + (name,)) if m not in order]
+    return order + [name]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -18,8 +17,6 @@ from typing import Any
 from .fileio import atomic_write_json
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
-
-log = logging.getLogger(__name__)
 
 
 def own_task_names(extra_include_paths=()) -> set[str]:
@@ -168,8 +165,7 @@ def evaluate(model_dir, tasks: list[str], out_json, *, batch_size: int | str = 1
         "model_dir": str(model_dir),
         "tasks": scores,
         "samples": {task: _compact_samples(raw["samples"][task]) for task in tasks},
-        "versions": {"lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else _pkg_version("lm_eval"),
-                     "transformers": transformers.__version__},
+        "versions": {"lm_eval": _pkg_version("lm_eval"), "transformers": transformers.__version__},
         "timing": {"startup_s": round(startup_s, 3), "total_s": round(time.monotonic() - t0, 3),
                    "include_defaults": include_defaults},
         "settings": {"batch_size": batch_size, "device": device, "dtype": dtype, "backend": backend,
@@ -182,7 +178,7 @@ def evaluate(model_dir, tasks: list[str], out_json, *, batch_size: int | str = 1
 def _pkg_version(dist: str) -> str:
     from importlib.metadata import version
 
-    return version(dist.replace("_", "-"))
+    return version(dist.replace("_", "-"))  # the installed distribution, whatever the module claims
 
 
 def task_metric(eval_result: dict, task: str, metric: str) -> float:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .actions import ACTIONS
-from .config import slot_kinds
+from .config import recipe_order, slot_kinds
 from .recipe import RecipeStore, make_recipe
 
 
@@ -28,7 +28,11 @@ class Pool:
         """Resolve config names to ids (saving the recipes of named recipe models, e.g. specialists)."""
         name_to_id: dict[str, str] = {}
         labels: dict[str, str] = {}
-        for name, spec in config["models"].items():  # config order: recipes use only earlier models
+        order: list[str] = []
+        for name in config["models"]:
+            order += [m for m in recipe_order(config, name) if m not in order]
+        for name in order:  # parents before the recipes built on them
+            spec = config["models"][name]
             if "recipe" in spec:
                 action = spec["recipe"]["action"]
                 values = [

@@ -163,7 +163,7 @@ def _choice_ood(rng: random.Random) -> Example:
         options = rng.sample(_OOD_CATEGORIES[cat], 4) + [rng.choice(_OOD_CATEGORIES[intruder_cat])]
         rng.shuffle(options)
         gold = next(i for i, o in enumerate(options) if o not in _OOD_CATEGORIES[cat])
-        head = f"Four of these are of the same type. Which one does not belong?"
+        head = "Four of these are of the same type. Which one does not belong?"
     else:
         target, options, gold = _pick_one_of(rng, _OOD_CATEGORIES, 5)
         head = f"Pick the option that names a {target}."
