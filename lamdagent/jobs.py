@@ -89,7 +89,7 @@ def _store_recipe(smk, recipe: dict) -> None:
 
 
 def sft(smk):
-    from .launch import distributed_command, gpu_count
+    from .launch import gpu_count, sft_command
     from .train import sft as run_sft
 
     recipe = read_json(smk.input.recipe)
@@ -109,16 +109,21 @@ def sft(smk):
         warmup_ratio=params["warmup_ratio"],
     )
     with job_context(smk):
-        command = distributed_command(gpu_count(smk.resources), "lamdagent.train", [])
+        args_file = Path(smk.log[0]).with_suffix(".args.json")
+        metrics_file = Path(smk.log[0]).with_suffix(".metrics.json")
+        command = sft_command(gpu_count(smk.resources), str(args_file), metrics_json=str(metrics_file))
         if command is None:
             metrics = run_sft(**kwargs)
-        else:  # several GPUs: one process per GPU, launched inside this job
+        else:  # several GPUs: one worker per GPU (torchrun), inside this one job
             import subprocess
 
-            args_file = Path(smk.log[0]).with_suffix(".args.json")
             atomic_write_json(args_file, kwargs)
-            subprocess.run([*command, "--args-json", str(args_file)], check=True)
-            metrics = read_json(Path(smk.output.model) / "training_log.json")
+            print("launching:", " ".join(command), flush=True)
+            # The workers import this package the way this job did, even from a bare conda env.
+            package_root = str(Path(__file__).resolve().parent.parent)
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+            subprocess.run(command, check=True, env=env)
+            metrics = read_json(metrics_file)
         print(f"sft metrics: {metrics}")
         _store_recipe(smk, recipe)
 
