@@ -19,18 +19,36 @@ from .parsing import parse_choice, parse_objects
 from .recipe import RecipeStore, model_id, pipeline_text
 
 
+@dataclass(frozen=True)
+class Retry:
+    """How a retry asks: a reminder appended to the prompt, the start of the reply, its parser."""
+
+    hint: str
+    prefix: str | None
+    parse: object
+
+
+def answer_after(prefix: str, reply: str, end: str) -> str:
+    """The prefilled answer: the text after ``prefix`` up to the first character of ``end``."""
+    text = reply[len(prefix):] if reply.startswith(prefix) else reply
+    for char in end:
+        text = text.split(char, 1)[0]
+    return text
+
+
 @dataclass
 class CallLog:
     """Every controller call of one agent step, in order (written to ``calls.jsonl``)."""
 
     calls: list[dict] = field(default_factory=list)
 
-    def ask(self, controller, kind: str, prompt: str, *, max_tokens: int, stop, parse, attempt: int):
-        record = {"kind": kind, "attempt": attempt, "prompt": prompt, "reply": None, "parsed": None,
-                  "tokens_in": 0, "tokens_out": 0, "latency_s": 0.0, "error": None}
+    def ask(self, controller, kind: str, prompt: str, *, max_tokens: int, stop, parse, attempt: int,
+            prefix: str | None = None):
+        record = {"kind": kind, "attempt": attempt, "prompt": prompt, "prefix": prefix, "reply": None,
+                  "parsed": None, "tokens_in": 0, "tokens_out": 0, "latency_s": 0.0, "error": None}
         started = time.perf_counter()
         try:
-            completion = controller.complete(prompt, max_tokens=max_tokens, stop=stop)
+            completion = controller.complete(prompt, max_tokens=max_tokens, stop=stop, prefix=prefix)
         except Exception as err:  # noqa: BLE001 - a failed call is recorded and answered by the fallback
             record["error"] = f"{type(err).__name__}: {err}"
             record["latency_s"] = time.perf_counter() - started
@@ -42,9 +60,16 @@ class CallLog:
         self.calls.append(record)
         return parsed
 
-    def ask_until_parsed(self, controller, kind: str, prompt: str, *, retries: int, **kwargs):
+    def ask_until_parsed(self, controller, kind: str, prompt: str, *, retries: int, parse, retry: Retry | None = None,
+                         **kwargs):
+        """The paper's prompt first; each retry adds a terse reminder and starts the reply with the
+        answer format (a greedy model would otherwise repeat the same unparsable reply)."""
         for attempt in range(1 + retries):
-            parsed = self.ask(controller, kind, prompt, attempt=attempt, **kwargs)
+            if attempt and retry is not None:
+                parsed = self.ask(controller, kind, f"{prompt}\n\n{retry.hint}", attempt=attempt, prefix=retry.prefix,
+                                  parse=retry.parse, **kwargs)
+            else:
+                parsed = self.ask(controller, kind, prompt, attempt=attempt, parse=parse, **kwargs)
             if parsed is not None:
                 return parsed
         return None
@@ -79,9 +104,13 @@ def propose(*, iteration: int, config: dict, pool: Pool, history: list[dict], me
     else:
         prompt = prompts.type_selection(eval_tasks=config["eval_tasks"], memory=memory, history=history,
                                         action_types=action_types, counts={a: len(space[a]) for a in action_types})
+        n_types = len(action_types)
+        prefix = "I choose action number"
+        retry = Retry(hint=f"Reply with the number of the action only (1 to {n_types}).", prefix=prefix,
+                      parse=lambda reply: parse_choice(answer_after(prefix, reply, ":.,\n"), n_types))
         index = log.ask_until_parsed(controller, "type_selection", prompt, retries=settings["retries"],
                                      max_tokens=settings["max_tokens"]["type_selection"], stop=settings["stop"],
-                                     parse=lambda reply: parse_choice(reply, len(action_types)))
+                                     parse=lambda reply: parse_choice(reply, n_types), retry=retry)
         if index is None:
             fallback["type_selection"] = True
             index = seeded_rng(config["seed"], iteration, "type").randrange(len(action_types))
@@ -125,9 +154,11 @@ def _select_objects(action, config, pool, combos, memory, controller, log, fallb
         combo = tuple(values[i] for values, i in zip(candidate_lists, picked))
         return combo if combo in combos else None  # e.g. a merge of a model with itself
 
+    retry = Retry(hint=f"Reply with {len(slots)} numbers in double square brackets, one per slot.", prefix="[[",
+                  parse=lambda reply: parse("[[" + answer_after("[[", reply, "]") + "]]"))
     combo = log.ask_until_parsed(controller, "object_selection", prompt, retries=settings["retries"],
                                  max_tokens=settings["max_tokens"]["object_selection"], stop=settings["stop"],
-                                 parse=parse)
+                                 parse=parse, retry=retry)
     if combo is None:
         fallback["object_selection"] = True
         combo = seeded_rng(config["seed"], iteration, f"objects:{action}").choice(combos)

@@ -17,12 +17,12 @@ class Scripted:
         self.replies = list(replies)
         self.prompts = []
 
-    def complete(self, prompt, *, max_tokens, stop=None):
+    def complete(self, prompt, *, max_tokens, stop=None, prefix=None):
         self.prompts.append(prompt)
         reply = self.replies.pop(0)
         if isinstance(reply, Exception):
             raise reply
-        return Completion(text=reply, tokens_in=len(prompt.split()), tokens_out=len(reply.split()), latency_s=0.01)
+        return Completion(text=(prefix or "") + reply, tokens_in=len(prompt.split()), tokens_out=len(reply.split()), latency_s=0.01)
 
 
 def config():
@@ -167,3 +167,13 @@ def test_memory_update_uses_the_reply_or_counts_the_fallback():
 def test_any_reply_gives_a_valid_action(tmp_path, reply):
     record, _, _ = run([reply] * 4, tmp_path=tmp_path)
     assert record["action"] in {"sft", "ties_merging"}
+
+
+def test_retry_adds_a_reminder_and_starts_the_reply_with_the_answer_format(tmp_path):
+    record, log, controller = run(["I'm glad to help!", " 2: ties_merging", "I would pick the first ones",
+                                   "1, 2, 3, 1, 1]] and more"], tmp_path=tmp_path)
+    assert record["action"] == "ties_merging" and record["fallback"] == {"type_selection": False,
+                                                                          "object_selection": False}
+    assert log.calls[1]["prefix"] == "I choose action number" and "number of the action only" in controller.prompts[1]
+    assert log.calls[3]["prefix"] == "[[" and "5 numbers in double square brackets" in controller.prompts[3]
+    assert (record["objects"]["model_a"], record["objects"]["model_b"]) == ("specialist", "generalist")
