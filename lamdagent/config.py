@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
         "temperature": 0.0,
         "timeout_s": 120.0,
         "retries": 1,
+        "backoff": {"attempts": 5, "initial_s": 1.0, "max_s": 30.0, "multiplier": 2.0},
         "max_tokens": {"type_selection": 48, "object_selection": 24, "memory_update": 160},
         "stop": ["\n"],
     },

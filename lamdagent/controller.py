@@ -8,12 +8,22 @@
 from __future__ import annotations
 
 import os
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ControllerError(RuntimeError):
     pass
+
+
+class ControllerUnavailable(ControllerError):
+    """Every attempt of one call failed with a transient error (the agent then falls back)."""
+
+    def __init__(self, attempts: int, errors: list[str]):
+        super().__init__(f"no reply after {attempts} attempt(s); last error: {errors[-1]}")
+        self.attempts = attempts
+        self.errors = errors
 
 
 @dataclass
@@ -22,6 +32,50 @@ class Completion:
     tokens_in: int
     tokens_out: int
     latency_s: float
+    attempts: int = 1
+    errors: list[str] = field(default_factory=list)  # the transient errors retried before this reply
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff between attempts: initial_s, x multiplier each retry, capped at max_s."""
+
+    attempts: int
+    initial_s: float
+    max_s: float
+    multiplier: float
+
+    def delay(self, retry: int, rng: random.Random, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based).
+
+        Jitter draws from [d/2, d] so that agents sharing a rate limit spread out, yet the wait never
+        exceeds the configured schedule. A server's Retry-After is honoured up to max_s.
+        """
+        planned = min(self.max_s, self.initial_s * self.multiplier ** (retry - 1))
+        wait = planned * rng.uniform(0.5, 1.0)
+        if retry_after is not None:
+            wait = max(wait, min(self.max_s, retry_after))
+        return wait
+
+
+def is_transient(err: BaseException) -> bool:
+    """Worth retrying: time-outs, refused or dropped connections, 429 and 5xx. Other 4xx will not heal."""
+    import openai
+
+    if isinstance(err, openai.APIConnectionError):  # APITimeoutError is a subclass
+        return True
+    if isinstance(err, openai.APIStatusError):
+        return err.status_code == 429 or err.status_code >= 500
+    return False
+
+
+def _retry_after(err: BaseException) -> float | None:
+    response = getattr(err, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:  # an HTTP date: fall back to the schedule
+        return None
 
 
 def cut_at_stop(text: str, stop: list[str] | None) -> str:
@@ -36,27 +90,51 @@ class OpenAIController:
     kind = "openai"
 
     def __init__(self, *, model: str, api_key_env: str, base_url: str | None = None, temperature: float = 0.0,
-                 timeout_s: float = 120.0, max_retries: int = 2):
+                 timeout_s: float = 120.0, backoff: dict | None = None, seed: int = 0):
         import openai
+
+        from .config import DEFAULTS
 
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise ControllerError(f"environment variable {api_key_env} (controller.api_key_env) is not set")
         # The key lives only in this client object: it is never logged, recorded or written.
-        self._client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=max_retries)
+        # max_retries=0: the client's own retries would multiply with ours; one policy, one count.
+        self._client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=0)
         self.model = model
         self.temperature = temperature
+        self.backoff = Backoff(**{**DEFAULTS["controller"]["backoff"], **(backoff or {})})
+        self._rng = random.Random(f"{seed}:backoff")  # seeded jitter: a rerun waits the same
 
-    def complete(self, prompt: str, *, max_tokens: int, stop: list[str] | None = None) -> Completion:
-        started = time.perf_counter()
-        response = self._client.chat.completions.create(
-            model=self.model,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            stop=stop or None,
-        )
-        latency = time.perf_counter() - started
+    def complete(self, prompt: str, *, max_tokens: int, stop: list[str] | None = None,
+                 prefix: str | None = None) -> Completion:
+        # `prefix` (the start of the reply) cannot be imposed through the chat API; the retry's
+        # reminder in the prompt does that job here.
+        """One reply, retrying transient failures with backoff; ControllerUnavailable after the last attempt."""
+        errors: list[str] = []
+        started = time.perf_counter()  # latency counts the retries and waits: the time the agent waited
+        for attempt in range(1, self.backoff.attempts + 1):
+            try:
+                response = self._client.chat.completions.create(
+                    model=self.model,
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=max_tokens,
+                    temperature=self.temperature,
+                    stop=stop or None,
+                )
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                errors.append(f"{type(err).__name__}: {err}")
+                if attempt == self.backoff.attempts:
+                    raise ControllerUnavailable(attempt, errors) from err
+                time.sleep(self.backoff.delay(attempt, self._rng, _retry_after(err)))
+                continue
+            return self._completion(response, stop, time.perf_counter() - started, attempt, errors)
+        raise AssertionError("unreachable: Backoff.attempts >= 1")
+
+    @staticmethod
+    def _completion(response, stop, latency: float, attempts: int, errors: list[str]) -> Completion:
         text = response.choices[0].message.content or "" if response.choices else ""
         usage = response.usage
         return Completion(
@@ -64,6 +142,8 @@ class OpenAIController:
             tokens_in=getattr(usage, "prompt_tokens", 0) or 0,
             tokens_out=getattr(usage, "completion_tokens", 0) or 0,
             latency_s=latency,
+            attempts=attempts,
+            errors=errors,
         )
 
 
@@ -80,13 +160,16 @@ class TransformersController:
         self.seed = seed
         self.model_dir = model_dir
 
-    def complete(self, prompt: str, *, max_tokens: int, stop: list[str] | None = None) -> Completion:
+    def complete(self, prompt: str, *, max_tokens: int, stop: list[str] | None = None,
+                 prefix: str | None = None) -> Completion:
+        """Greedy reply; ``prefix`` is written as the start of the reply (assistant prefill), which
+        keeps a small model on the answer format."""
         import torch
 
         started = time.perf_counter()
-        inputs = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=False) + (prefix or "")
+        inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         sampling = self.temperature > 0
         torch.manual_seed(self.seed)
         with torch.inference_mode():
@@ -102,9 +185,9 @@ class TransformersController:
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
             )
         new_tokens = output[0, inputs["input_ids"].shape[1]:]
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        reply = (prefix or "") + self.tokenizer.decode(new_tokens, skip_special_tokens=True)
         return Completion(
-            text=cut_at_stop(text, stop),
+            text=cut_at_stop(reply, stop),
             tokens_in=int(inputs["input_ids"].shape[1]),
             tokens_out=int(new_tokens.shape[0]),
             latency_s=time.perf_counter() - started,
@@ -123,6 +206,8 @@ def make_controller(controller_config: dict, *, model_dir: str | None = None, se
             base_url=controller_config.get("base_url"),
             temperature=controller_config.get("temperature", 0.0),
             timeout_s=controller_config.get("timeout_s", 120.0),
+            backoff=controller_config.get("backoff"),
+            seed=seed,
         )
     if kind == "transformers":
         return TransformersController(model_dir=model_dir or controller_config["model"],
