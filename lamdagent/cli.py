@@ -44,14 +44,75 @@ def unlock_stale(workdir: Path) -> int:
     return 0
 
 
+def lineage(model_dir: Path, *, verify: bool, as_json: bool) -> int:
+    """Print a model's lineage tree (or the record as JSON); with ``verify``, re-hash its files."""
+    from . import lineage as lin
+
+    try:
+        record = lin.load_lineage(model_dir)
+    except FileNotFoundError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if as_json:
+        print(lin.dumps(record))
+    else:
+        print(lin.render_tree(record), end="")
+    if not verify:
+        return 0
+    notes: list[str] = []
+    problems = lin.verify(model_dir, notes)
+    out = sys.stderr if as_json else sys.stdout  # keep stdout parseable JSON
+    for note in notes:
+        print(f"checked: {note}", file=out)
+    for problem in problems:
+        print(f"MISMATCH {problem}", file=out)
+    print(f"verify: {len(problems)} mismatch(es)", file=out)
+    return 1 if problems else 0
+
+
+def rebuild(model_dir: Path, results: Path) -> int:
+    """Make a model again from its lineage in a fresh results directory and compare the weights.
+
+    Exit 1 when a step recorded as bit-reproducible gives other bytes; a step recorded as not
+    reproducible (GPU, reduced precision) may differ and is reported as such.
+    """
+    from . import lineage as lin
+
+    try:
+        record = lin.load_lineage(model_dir)
+    except FileNotFoundError as err:
+        print(err, file=sys.stderr)
+        return 2
+    report = lin.rebuild(record, results, say=lambda line: print(line, flush=True))
+    final = report[-1]
+    unexpected = [step["model"] for step in report if step["expected_identical"] and not step["identical"]]
+    print(f"final {final['model']}: rebuilt in {final['dir']}: "
+          f"{'bit-identical' if final['identical'] else 'weights differ'}")
+    if unexpected:
+        print(f"not reproduced although recorded as bit-reproducible: {', '.join(unexpected)}")
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lamdagent")
     sub = parser.add_subparsers(dest="command", required=True)
     unlock = sub.add_parser("unlock-stale", help="clear the lock a killed Snakemake run left behind")
     unlock.add_argument("--directory", default=".", type=Path)
+    show = sub.add_parser("lineage", help="print how a model was made (its lineage.json)")
+    show.add_argument("model_dir", type=Path)
+    show.add_argument("--verify", action="store_true", help="re-hash every recorded file; exit 1 on a mismatch")
+    show.add_argument("--json", action="store_true", help="print the full record as JSON")
+    again = sub.add_parser("rebuild", help="make a model again from its lineage and compare the weights")
+    again.add_argument("model_dir", type=Path)
+    again.add_argument("--results", required=True, type=Path, help="a fresh results directory")
     args = parser.parse_args(argv)
     if args.command == "unlock-stale":
         return unlock_stale(args.directory)
+    if args.command == "lineage":
+        return lineage(args.model_dir, verify=args.verify, as_json=args.json)
+    if args.command == "rebuild":
+        return rebuild(args.model_dir, args.results)
     return 2
 
 

@@ -84,34 +84,31 @@ def import_model(smk):
             raise ValueError(f"models.{smk.wildcards.name}: source {spec['source']!r} needs no import")
 
 
-def _store_recipe(smk, recipe: dict) -> None:
-    atomic_write_json(Path(smk.output.model) / "recipe.json", recipe)
+def _store_recipe(smk, recipe: dict, usage: dict, **run) -> None:
+    """recipe.json, lineage.json and the model card (README.md), once the model directory is in place."""
+    from .actions import action_spec
+    from .lineage import record_model
+
+    slots = action_spec(recipe["action"]).slots
+    parents = {s.name: getattr(smk.input, s.name) for s in slots if s.kind == "model"}
+    datasets = {s.name: getattr(smk.input, s.name) for s in slots if s.kind == "dataset"}
+    record_model(smk.output.model, recipe, parents=parents, datasets=datasets, config=smk.config, usage=usage, **run)
 
 
 def sft(smk):
     from .launch import gpu_count, sft_command
+    from .lineage import sft_kwargs, start_clock, stop_clock
     from .train import sft as run_sft
 
     recipe = read_json(smk.input.recipe)
-    params = recipe["params"]
-    kwargs = dict(
-        model_dir=smk.input.model,
-        dataset_path=smk.input.dataset,
-        out_dir=smk.output.model,
-        learning_rate=params["learning_rate"],
-        epochs=params["epochs"],
-        batch_size=params["batch_size"],
-        gradient_accumulation_steps=params["gradient_accumulation_steps"],
-        max_length=params["max_length"],
-        seed=recipe["seed"],
-        precision=params["precision"],
-        lr_scheduler_type=params["lr_scheduler_type"],
-        warmup_ratio=params["warmup_ratio"],
-    )
+    # The same mapping from recipe to trainer arguments that `lamdagent rebuild` uses.
+    kwargs = sft_kwargs(recipe, smk.input.model, smk.input.dataset, smk.output.model)
     with job_context(smk):
+        clock = start_clock()
         args_file = Path(smk.log[0]).with_suffix(".args.json")
         metrics_file = Path(smk.log[0]).with_suffix(".metrics.json")
-        command = sft_command(gpu_count(smk.resources), str(args_file), metrics_json=str(metrics_file))
+        gpus = gpu_count(smk.resources)
+        command = sft_command(gpus, str(args_file), metrics_json=str(metrics_file))
         if command is None:
             metrics = run_sft(**kwargs)
         else:  # several GPUs: one worker per GPU (torchrun), inside this one job
@@ -125,27 +122,26 @@ def sft(smk):
             subprocess.run(command, check=True, env=env)
             metrics = read_json(metrics_file)
         print(f"sft metrics: {metrics}")
-        _store_recipe(smk, recipe)
+        import torch
+
+        cuda = torch.cuda.is_available()
+        _store_recipe(smk, recipe, stop_clock(clock), device="cuda" if cuda else "cpu", precision=metrics["precision"],
+                      processes=1 if command is None else gpus, gpus=max(gpus, 1) if cuda else 0, metrics=metrics)
 
 
 def ties_merging(smk):
+    from .lineage import merge_precision, start_clock, stop_clock, ties_kwargs
     from .merge import ties_merge
 
     recipe = read_json(smk.input.recipe)
-    params = recipe["params"]
     with job_context(smk):
-        metrics = ties_merge(
-            smk.input.base_model,
-            [smk.input.model_a, smk.input.model_b],
-            params["weights"],
-            params["density"],
-            smk.output.model,
-            normalize=params["normalize"],
-            dtype=params["dtype"],
-            seed=recipe["seed"],
-        )
+        clock = start_clock()
+        metrics = ties_merge(**ties_kwargs(recipe, smk.input.base_model, smk.input.model_a, smk.input.model_b,
+                                           smk.output.model))
         print(f"merge metrics: {metrics}")
-        _store_recipe(smk, recipe)
+        _store_recipe(smk, recipe, stop_clock(clock), device=metrics["device"],
+                      precision=merge_precision(recipe["params"]["dtype"]), gpus=int(metrics["device"] != "cpu"),
+                      metrics=metrics)
 
 
 # ---- evaluation -------------------------------------------------------------------------------
