@@ -108,9 +108,9 @@ class OpenAIController:
 
     def complete(self, prompt: str, *, max_tokens: int, stop: list[str] | None = None,
                  prefix: str | None = None) -> Completion:
+        """One reply, retrying transient failures with backoff; ControllerUnavailable after the last attempt."""
         # `prefix` (the start of the reply) cannot be imposed through the chat API; the retry's
         # reminder in the prompt does that job here.
-        """One reply, retrying transient failures with backoff; ControllerUnavailable after the last attempt."""
         errors: list[str] = []
         started = time.perf_counter()  # latency counts the retries and waits: the time the agent waited
         for attempt in range(1, self.backoff.attempts + 1):

@@ -30,3 +30,70 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     from lamdagent.models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer_source=smollm2_tokenizer_dir)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServedModel:
+    """`transformers serve` of a model on 127.0.0.1: a real OpenAI-compatible server.
+
+    ``stop()`` and ``start()`` again keep the port, so a client sees the server go away and come back.
+    """
+
+    def __init__(self, model_dir: Path, workdir: Path, port: int | None = None):
+        self.model_dir, self.workdir = model_dir, workdir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.process = None
+        (workdir / "hf-cache").mkdir(parents=True, exist_ok=True)
+
+    def start(self, timeout: float = 120) -> "ServedModel":
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        from e2e import test_env
+
+        env = dict(test_env(), HF_HUB_CACHE=str(self.workdir / "hf-cache"))
+        command = [str(Path(sys.executable).with_name("transformers")), "serve", str(self.model_dir),
+                   "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"]
+        log_path = self.workdir / "serve.log"
+        with open(log_path, "a") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                if self.process.poll() is not None:
+                    raise AssertionError(log_path.read_text()) from None
+                time.sleep(0.5)
+        self.stop()
+        raise AssertionError("transformers serve did not come up")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        self.process = None
+
+
+@pytest.fixture
+def openai_server(tmp_path, tiny_model_dir):
+    """The served tiny model for one test; yields its base URL."""
+    server = ServedModel(tiny_model_dir, tmp_path).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()

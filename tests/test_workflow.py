@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -109,41 +108,6 @@ def test_random_exploration_is_killed_resumes_and_continues(tmp_path, tiny_model
             for i in range(4)} == steps
     check_plan_agrees_with_results(workdir, 4, {"tiny"})
     assert {m: model_files(workdir)[m] for m in after} == after
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def openai_server(tmp_path, tiny_model_dir):
-    """`transformers serve` on 127.0.0.1: a real OpenAI-compatible server for the tiny model."""
-    port = free_port()
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    env = dict(test_env(), HF_HUB_CACHE=str(cache))
-    command = [str(Path(sys.executable).with_name("transformers")), "serve", str(tiny_model_dir),
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "serve.log").read_text()
-                time.sleep(0.5)
-        else:
-            raise AssertionError("transformers serve did not come up")
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-        log.close()
 
 
 @pytest.mark.slow
