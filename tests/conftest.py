@@ -59,9 +59,9 @@ class ServedModel:
         import sys
         import time
 
-        from e2e import test_env
+        from e2e import subprocess_env
 
-        env = dict(test_env(), HF_HUB_CACHE=str(self.workdir / "hf-cache"))
+        env = dict(subprocess_env(), HF_HUB_CACHE=str(self.workdir / "hf-cache"))
         command = [str(Path(sys.executable).with_name("transformers")), "serve", str(self.model_dir),
                    "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"]
         log_path = self.workdir / "serve.log"

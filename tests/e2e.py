@@ -73,7 +73,7 @@ def snakemake_command(workdir: Path, config_path: Path, *extra_args: str, cores:
             "--configfile", str(config_path), "--cores", str(cores), *extra_args]
 
 
-def test_env() -> dict:
+def subprocess_env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     return env
@@ -82,7 +82,7 @@ def test_env() -> dict:
 def run_snakemake(workdir: Path, config_path: Path, *extra_args: str, timeout: float = 900,
                   check: bool = True) -> subprocess.CompletedProcess:
     """Run the workflow; on time-out stop it with SIGINT (SIGTERM makes Snakemake wait for its jobs)."""
-    process = subprocess.Popen(snakemake_command(workdir, config_path, *extra_args), cwd=workdir, env=test_env(),
+    process = subprocess.Popen(snakemake_command(workdir, config_path, *extra_args), cwd=workdir, env=subprocess_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=timeout)

@@ -256,7 +256,7 @@ def test_a_second_snakemake_on_the_same_directory_is_refused(tmp_path, tiny_mode
     workdir = tmp_path / "run"
     config = write_tiny_config(workdir, tiny_model_dir, iterations=1)
     log = open(tmp_path / "first.log", "w")  # a file, not a pipe nobody reads while the run goes on
-    first = subprocess.Popen(snakemake_command(workdir, config), cwd=workdir, env=e2e.test_env(),
+    first = subprocess.Popen(snakemake_command(workdir, config), cwd=workdir, env=e2e.subprocess_env(),
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         locks = workdir / ".snakemake" / "locks"

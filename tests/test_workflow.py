@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e import REPO, run_snakemake, snakemake_command, test_env, write_tiny_config
+from e2e import REPO, run_snakemake, snakemake_command, subprocess_env, write_tiny_config
 
 LAMDAGENT = str(Path(sys.executable).with_name("lamdagent"))
 
@@ -66,7 +66,7 @@ def test_random_exploration_is_killed_resumes_and_continues(tmp_path, tiny_model
     config = write_tiny_config(workdir, tiny_model_dir, iterations=3)
 
     # Start, and kill -9 the whole run (Snakemake and its jobs) once the agent's first step is chosen.
-    process = subprocess.Popen(snakemake_command(workdir, config), cwd=workdir, env=test_env(),
+    process = subprocess.Popen(snakemake_command(workdir, config), cwd=workdir, env=subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     proposal = workdir / "results" / "agent" / "iter_1" / "proposal.json"
     deadline = time.monotonic() + 600
