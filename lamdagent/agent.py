@@ -140,18 +140,24 @@ def propose(*, iteration: int, config: dict, pool: Pool, history: list[dict], me
 
 
 def _select_objects(action, config, pool, combos, memory, controller, log, fallback, iteration) -> tuple:
+    """Ask for the objects of the open slots; a slot with one candidate is filled, not asked."""
     settings = config["controller"]
     object_types = config["action_types"][action]
     candidate_lists = [pool.candidates[t] for t in object_types]
-    slots = [(slot.describe, [pool.label(v) for v in values])
-             for slot, values in zip(ACTIONS[action].slots, candidate_lists)]
-    prompt = prompts.object_selection(action=action, slots=slots, memory=memory)
+    specs = ACTIONS[action].slots
+    open_slots = [i for i, values in enumerate(candidate_lists) if len(values) > 1]
+    if not open_slots:
+        return tuple(combos[0])
+    slots = [(specs[i].describe, [pool.label(v) for v in candidate_lists[i]]) for i in open_slots]
+    fixed = [(specs[i].describe, pool.label(candidate_lists[i][0])) for i in range(len(specs)) if i not in open_slots]
+    prompt = prompts.object_selection(action=action, slots=slots, memory=memory, fixed=fixed)
 
     def parse(reply: str):
-        picked = parse_objects(reply, [len(values) for values in candidate_lists])
+        picked = parse_objects(reply, [len(candidate_lists[i]) for i in open_slots])
         if picked is None:
             return None
-        combo = tuple(values[i] for values, i in zip(candidate_lists, picked))
+        chosen = dict(zip(open_slots, picked))
+        combo = tuple(values[chosen.get(i, 0)] for i, values in enumerate(candidate_lists))
         return combo if combo in combos else None  # e.g. a merge of a model with itself
 
     retry = Retry(hint=f"Reply with {len(slots)} numbers in double square brackets, one per slot.", prefix="[[",

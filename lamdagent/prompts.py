@@ -45,15 +45,18 @@ def type_selection(*, eval_tasks, memory: str, history: list[dict], action_types
     )
 
 
-def object_selection(*, action: str, slots: list[tuple[str, list[str]]], memory: str) -> str:
-    """``slots``: (slot description, candidate labels) in slot order."""
+def object_selection(*, action: str, slots: list[tuple[str, list[str]]], memory: str,
+                     fixed: list[tuple[str, str]] = ()) -> str:
+    """``slots``: (slot description, candidate labels) in slot order, for the slots to choose;
+    ``fixed``: (slot description, the only candidate) for the others."""
     blocks = []
     for number, (describe, labels) in enumerate(slots, start=1):
         options = "\n".join(f"{index}. {label}" for index, label in enumerate(labels, start=1))
         blocks.append(f"Slot {number}, {describe}:\n{options}")
     letters = ", ".join("abcdefgh"[: len(slots)])
+    fixed_text = "".join(f"\n{describe.capitalize()}: {label} (the only candidate)." for describe, label in fixed)
     return (
-        f"You chose the action {action}: {ACTIONS[action].describe}.\n"
+        f"You chose the action {action}: {ACTIONS[action].describe}.{fixed_text}\n"
         "Pick one candidate for each slot. Models generated in earlier iterations are as promising as "
         "the initial ones.\n\n"
         + "\n\n".join(blocks)

@@ -78,7 +78,7 @@ def run(replies, history=HISTORY, tmp_path=None):
 
 
 def test_parsed_choices_build_the_recipe(tmp_path):
-    record, log, _ = run(["I think fine-tuning is best: 1", "[[2, 2, 1]]"], tmp_path=tmp_path)
+    record, log, _ = run(["I think fine-tuning is best: 1", "[[2, 2]]"], tmp_path=tmp_path)
     assert record["action"] == "sft"
     assert record["objects"] == {"model": "specialist", "dataset": "all", "learning_rate": 1e-5}
     assert record["pipeline"] == "sft(specialist, all)"
@@ -97,7 +97,7 @@ def test_unparsable_reply_is_asked_again_then_falls_back(tmp_path):
 
 
 def test_retry_succeeds_on_second_attempt(tmp_path):
-    record, log, _ = run(["hmm", "2", "[[1, 2, 3, 1, 1]]"], tmp_path=tmp_path)
+    record, log, _ = run(["hmm", "2", "[[2, 3]]"], tmp_path=tmp_path)
     assert record["action"] == "ties_merging"
     assert record["objects"]["model_a"] == "specialist" and record["objects"]["model_b"] == "generalist"
     assert record["fallback"] == {"type_selection": False, "object_selection": False}
@@ -105,7 +105,7 @@ def test_retry_succeeds_on_second_attempt(tmp_path):
 
 
 def test_merge_with_the_base_itself_is_rejected(tmp_path):
-    record, log, _ = run(["2", "[[1, 1, 2, 1, 1]]", "[[1, 2, 1, 1, 1]]"], tmp_path=tmp_path)
+    record, log, _ = run(["2", "[[1, 2]]", "[[2, 2]]"], tmp_path=tmp_path)
     assert record["action"] == "ties_merging"
     assert record["fallback"]["object_selection"] is True  # both replies merge the base with itself
     assert log.calls[1]["parsed"] is None and log.calls[2]["parsed"] is None
@@ -118,10 +118,10 @@ def test_controller_errors_are_recorded_and_answered_by_the_fallback(tmp_path):
 
 
 def test_a_known_recipe_is_flagged_as_a_repeat(tmp_path):
-    first, _, _ = run(["1", "[[1, 1, 1]]"], tmp_path=tmp_path)
+    first, _, _ = run(["1", "[[1, 1]]"], tmp_path=tmp_path)
     history = HISTORY + [{"iteration": 1, "model": first["model"], "pipeline": first["pipeline"], "status": "done",
                           "score": {"s_multi": 0.3, "tasks": {"arith": 0.3}}}]
-    again, _, _ = run(["1", "[[1, 1, 1]]"], history=history, tmp_path=tmp_path)
+    again, _, _ = run(["1", "[[1, 1]]"], history=history, tmp_path=tmp_path)
     assert again["model"] == first["model"] and again["repeat_of"] == 1
 
 
@@ -148,6 +148,13 @@ def test_prompts_follow_the_paper_template():
     assert "[[a, b]]" in objects  # a neutral example: letters, not indices a small model would copy
 
 
+def test_slots_with_one_candidate_are_filled_not_asked(tmp_path):
+    record, log, controller = run(["1", "[[3, 1]]"], tmp_path=tmp_path)
+    assert record["objects"] == {"model": "generalist", "dataset": "arith", "learning_rate": 1e-5}
+    assert "The learning rate: 1e-05 (the only candidate)" in controller.prompts[1]
+    assert "Slot 3" not in controller.prompts[1]
+
+
 def test_memory_update_uses_the_reply_or_counts_the_fallback():
     new = {"iteration": 1, "model": "sft-x", "pipeline": "sft(base, all)", "status": "done",
            "score": {"s_multi": 0.4, "tasks": {"arith": 0.4}}, "repeat_of": None}
@@ -171,9 +178,9 @@ def test_any_reply_gives_a_valid_action(tmp_path, reply):
 
 def test_retry_adds_a_reminder_and_starts_the_reply_with_the_answer_format(tmp_path):
     record, log, controller = run(["I'm glad to help!", " 2: ties_merging", "I would pick the first ones",
-                                   "1, 2, 3, 1, 1]] and more"], tmp_path=tmp_path)
+                                   "2, 3]] and more"], tmp_path=tmp_path)
     assert record["action"] == "ties_merging" and record["fallback"] == {"type_selection": False,
                                                                           "object_selection": False}
     assert log.calls[1]["prefix"] == "I choose action number" and "number of the action only" in controller.prompts[1]
-    assert log.calls[3]["prefix"] == "[[" and "5 numbers in double square brackets" in controller.prompts[3]
+    assert log.calls[3]["prefix"] == "[[" and "2 numbers in double square brackets" in controller.prompts[3]
     assert (record["objects"]["model_a"], record["objects"]["model_b"]) == ("specialist", "generalist")
