@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import prompts
+from .agent import Retry
 from .parsing import clean_memory
 
 
@@ -32,9 +33,12 @@ def update_memory(*, config: dict, memory: str, history: list[dict], new: dict, 
     prompt = prompts.memory_update(eval_tasks=config["eval_tasks"], memory=memory, history=history, new=new,
                                    note=step_note(new, history), max_words=max_words)
     settings = config["controller"]
+    prefix = "What worked:"
+    retry = Retry(hint="Reply with the new memory only: what worked, what did not, and what to try next.",
+                  prefix=prefix, parse=lambda reply: clean_memory(reply, max_words))
     text = log.ask_until_parsed(controller, "memory_update", prompt, retries=settings["retries"],
                                 max_tokens=settings["max_tokens"]["memory_update"], stop=None,
-                                parse=lambda reply: clean_memory(reply, max_words))
+                                parse=lambda reply: clean_memory(reply, max_words), retry=retry)
     if text is None:
         return summary_memory(history, new), True
     return text, False

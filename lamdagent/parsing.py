@@ -58,8 +58,19 @@ def clean_memory(reply: str, max_words: int) -> str | None:
         return None
     text = reply.strip().removeprefix("Memory:").strip()
     words = text.split()
-    if len(words) < 3:
+    if len(words) < 3 or _loops(words):
         return None
     if len(words) > max_words:
         text = " ".join(words[:max_words])
     return text
+
+
+def _loops(words: list[str], span: int = 6) -> bool:
+    """A reply that repeats a run of ``span`` words is a small model stuck in a loop, not a memory."""
+    seen = set()
+    for start in range(len(words) - span + 1):
+        run = tuple(w.lower() for w in words[start:start + span])
+        if run in seen:
+            return True
+        seen.add(run)
+    return False

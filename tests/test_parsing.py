@@ -48,3 +48,9 @@ def test_clean_memory_cuts_words_and_rejects_empty():
         "sft on all helps; try"
     assert clean_memory("  ", 10) is None
     assert clean_memory("ok", 10) is None
+
+
+def test_a_looping_reply_is_not_a_memory():
+    loop = "The previous memory was: No results yet. Rewrite it in at most 80 words: " * 3
+    assert clean_memory(loop, 80) is None
+    assert clean_memory("SFT on all lifted every task; merging the context and arith specialists is next.", 80)
