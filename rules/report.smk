@@ -79,7 +79,7 @@ rule costs:
         costs=report("results/report/costs.tsv", caption="../report/costs.rst", category="Costs"),
     params:
         benchmarks="results/benchmarks",
-        agent="results/agent",
+        evals="results/evals",
     log:
         "results/logs/report/costs.log",
     benchmark:
