@@ -79,7 +79,7 @@ rule costs:
         costs=report("results/report/costs.tsv", caption="../report/costs.rst", category="Costs"),
     params:
         benchmarks="results/benchmarks",
-        evals="results/evals",
+        agent="results/agent",
     log:
         "results/logs/report/costs.log",
     benchmark:
