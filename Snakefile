@@ -8,6 +8,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 
 
@@ -25,4 +28,8 @@ rule all:
     input:
         "results/leaderboard.tsv",
         "results/report/topk.tsv",
+        "results/report/score_over_iterations.png",
+        "results/report/pipelines.png",
+        "results/report/task_scores.png",
+        "results/report/costs.tsv",
     default_target: True

@@ -38,7 +38,9 @@ DEFAULTS: dict[str, Any] = {
                  "precision": "auto", "lr_scheduler_type": "linear", "warmup_ratio": 0.0},
     "merging": {"dtype": "float32", "normalize": True},
     "evaluation": {"batch_size": 16, "backend": "hf", "limit": None, "device": "auto", "dtype": "auto"},
-    "report": {"top_k": 3},
+    # Prices default to 0 (the embedded agent runs locally); set them for an API model and rented GPUs.
+    "report": {"top_k": 3, "every_k": 5,
+               "prices": {"input_per_1m_tokens": 0.0, "output_per_1m_tokens": 0.0, "gpu_hour": 0.0, "cpu_hour": 0.0}},
     "resources": {
         "sft": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240},
         "ties_merging": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60},

@@ -3,7 +3,9 @@ checkpoint leaderboard:
         pool="results/agent/pool.json",
         steps=steps_upto(ITERATIONS),
     output:
-        leaderboard="results/leaderboard.tsv",
+        leaderboard=report(
+            "results/leaderboard.tsv", caption="../report/leaderboard.rst", category="Leaderboard"
+        ),
     log:
         "results/logs/report/leaderboard.log",
     benchmark:
@@ -20,7 +22,7 @@ rule topk:
     input:
         unpack(topk_inputs),
     output:
-        topk="results/report/topk.tsv",
+        topk=report("results/report/topk.tsv", caption="../report/topk.rst", category="Leaderboard"),
     log:
         "results/logs/report/topk.log",
     benchmark:
@@ -30,3 +32,61 @@ rule topk:
         "../envs/agent.yaml"
     script:
         "../scripts/topk.py"
+
+
+# Score over iterations (Figure 5), the top-k pipelines as graphs (Figures 3 and 6), per-task scores.
+# The PNGs go into the HTML report; the SVGs beside them are for papers.
+rule figures:
+    input:
+        pool="results/agent/pool.json",
+        steps=steps_upto(ITERATIONS),
+        leaderboard="results/leaderboard.tsv",
+        topk="results/report/topk.tsv",
+    output:
+        score_png=report(
+            "results/report/score_over_iterations.png",
+            caption="../report/score_over_iterations.rst",
+            category="Figures",
+        ),
+        score_svg="results/report/score_over_iterations.svg",
+        pipelines_png=report(
+            "results/report/pipelines.png", caption="../report/pipelines.rst", category="Figures"
+        ),
+        pipelines_svg="results/report/pipelines.svg",
+        tasks_png=report(
+            "results/report/task_scores.png", caption="../report/task_scores.rst", category="Figures"
+        ),
+        tasks_svg="results/report/task_scores.svg",
+    log:
+        "results/logs/report/figures.log",
+    benchmark:
+        "results/benchmarks/report/figures.tsv"
+    localrule: True
+    conda:
+        "../envs/agent.yaml"
+    script:
+        "../scripts/figures.py"
+
+
+# Compute per stage and agent tokens per call kind, priced (Tables 4 and 5). It reads every benchmark
+# file, so it runs last: after the figures, whose own timing it then includes.
+rule costs:
+    input:
+        steps=steps_upto(ITERATIONS),
+        topk="results/report/topk.tsv",
+        figures=rules.figures.output.tasks_png,
+    output:
+        costs=report("results/report/costs.tsv", caption="../report/costs.rst", category="Costs"),
+    params:
+        benchmarks="results/benchmarks",
+        evals="results/evals",
+        models="results/models",
+    log:
+        "results/logs/report/costs.log",
+    benchmark:
+        "results/benchmarks/report/costs.tsv"
+    localrule: True
+    conda:
+        "../envs/agent.yaml"
+    script:
+        "../scripts/costs.py"
