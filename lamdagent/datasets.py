@@ -6,6 +6,7 @@ sha256 and row count of that file enter every recipe that trains on it.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -74,9 +75,10 @@ def prepare(spec: dict, out_path: str | Path, *, task_train_files: list[str | Pa
     """Write the prompt/completion rows of one dataset and return its entry (sha256, rows)."""
     source = spec["source"]
     if source == "embedded":
-        rows = []
-        for path in task_train_files:
-            rows += [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_jsonl(path)]
+        # Interleaved task by task, so that `max_examples` keeps the mix of a multi-task dataset.
+        per_task = [[{"prompt": r["prompt"], "completion": r["completion"]} for r in read_jsonl(path)]
+                    for path in task_train_files]
+        rows = [row for group in itertools.zip_longest(*per_task) for row in group if row is not None]
     elif source == "local":
         rows = _map_rows(_rows_from_file(Path(spec["path"])), spec.get("fields"))
     elif source == "hub":

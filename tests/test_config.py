@@ -110,3 +110,18 @@ def test_local_dataset_with_field_mapping_is_accepted(default_config, tmp_path):
     config = _break(default_config, "datasets.arith",
                     {"source": "local", "path": str(data), "fields": {"prompt": "q", "completion": "a"}})
     assert load(config, REPO)["datasets"]["arith"]["source"] == "local"
+
+
+def test_embedded_multi_task_dataset_interleaves_tasks(tmp_path):
+    from lamdagent.datasets import prepare
+    from lamdagent.fileio import read_jsonl, write_jsonl
+
+    files = []
+    for task in ("a", "b"):
+        path = tmp_path / f"{task}.jsonl"
+        write_jsonl(path, [{"prompt": f"{task}{i}", "completion": "x"} for i in range(3)])
+        files.append(path)
+    entry = prepare({"source": "embedded", "tasks": ["a", "b"], "max_examples": 4}, tmp_path / "mix.jsonl",
+                    task_train_files=files)
+    assert [r["prompt"] for r in read_jsonl(tmp_path / "mix.jsonl")] == ["a0", "b0", "a1", "b1"]
+    assert entry["rows"] == 4
