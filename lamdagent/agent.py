@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import time
-import traceback
 from dataclasses import dataclass, field
 
 from . import prompts
@@ -170,6 +169,3 @@ def _select_objects(action, config, pool, combos, memory, controller, log, fallb
         combo = seeded_rng(config["seed"], iteration, f"objects:{action}").choice(combos)
     return tuple(combo)
 
-
-def format_exception() -> str:
-    return traceback.format_exc(limit=3)

@@ -7,10 +7,9 @@ sha256 and row count of that file enter every recipe that trains on it.
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
-from .fileio import read_jsonl, sha256_file, write_jsonl
+from .fileio import read_jsonl, read_jsonl_lines, sha256_file, write_jsonl
 
 DEFAULT_FIELDS = {"prompt": "prompt", "completion": "completion"}
 
@@ -28,19 +27,10 @@ def _rows_from_file(path: Path) -> list[tuple[str, dict]]:
 
         frame = pd.read_parquet(path)
         return [(f"{path} row {index}", row) for index, row in enumerate(frame.to_dict(orient="records"))]
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}:{line_no}: expected a JSON object")
-            rows.append((f"{path}:{line_no}", row))
-    return rows
+    try:
+        return [(f"{path}:{line_no}", row) for line_no, row in read_jsonl_lines(path)]
+    except ValueError as err:
+        raise DatasetError(str(err)) from None
 
 
 def _map_rows(located_rows, fields: dict | None) -> list[dict]:

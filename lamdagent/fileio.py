@@ -96,7 +96,8 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, row) of every non-blank line; a bad line is a ValueError naming file:line."""
     rows = []
     with open(path, encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
@@ -108,8 +109,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((line_no, row))
     return rows
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    return [row for _, row in read_jsonl_lines(path)]
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:

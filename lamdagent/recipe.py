@@ -52,16 +52,6 @@ def make_recipe(action: str, values: tuple | list, *, datasets: dict[str, dict],
     return {"action": action, "inputs": inputs, "params": params, "seed": seed}
 
 
-def parent_ids(recipe: dict) -> list[str]:
-    spec = action_spec(recipe["action"])
-    return [recipe["inputs"][slot.name] for slot in spec.slots if slot.kind == "model"]
-
-
-def dataset_names(recipe: dict) -> list[str]:
-    spec = action_spec(recipe["action"])
-    return [recipe["inputs"][slot.name]["name"] for slot in spec.slots if slot.kind == "dataset"]
-
-
 class RecipeStore:
     """``results/recipes/<id>.json``: written once when a recipe is first proposed, never changed."""
 

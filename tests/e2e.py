@@ -79,13 +79,12 @@ def subprocess_env() -> dict:
     return env
 
 
-def run_snakemake(workdir: Path, config_path: Path, *extra_args: str, timeout: float = 900,
-                  check: bool = True) -> subprocess.CompletedProcess:
-    """Run the workflow; on time-out stop it with SIGINT (SIGTERM makes Snakemake wait for its jobs)."""
-    process = subprocess.Popen(snakemake_command(workdir, config_path, *extra_args), cwd=workdir, env=subprocess_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def communicate_bounded(process: subprocess.Popen, timeout: float) -> tuple[str, bool]:
+    """(output, timed out) of a Snakemake started in its own session; past ``timeout`` it is
+    stopped with SIGINT (SIGTERM makes Snakemake wait for its jobs), then SIGKILL after 60 s."""
     try:
         output, _ = process.communicate(timeout=timeout)
+        return output, False
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGINT)
         try:
@@ -93,7 +92,17 @@ def run_snakemake(workdir: Path, config_path: Path, *extra_args: str, timeout: f
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             output, _ = process.communicate()
-        raise AssertionError(f"snakemake ran past {timeout} s and was stopped:\n{output[-6000:]}") from None
+        return output, True
+
+
+def run_snakemake(workdir: Path, config_path: Path, *extra_args: str, timeout: float = 900,
+                  check: bool = True) -> subprocess.CompletedProcess:
+    """Run the workflow, bounded by ``timeout``; a failure shows the log tail."""
+    process = subprocess.Popen(snakemake_command(workdir, config_path, *extra_args), cwd=workdir, env=subprocess_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output, timed_out = communicate_bounded(process, timeout)
+    if timed_out:
+        raise AssertionError(f"snakemake ran past {timeout} s and was stopped:\n{output[-6000:]}")
     result = subprocess.CompletedProcess(process.args, process.returncode, output, "")
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{output[-8000:]}")

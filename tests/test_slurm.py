@@ -16,7 +16,6 @@ import csv
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from e2e import communicate_bounded
 
 REPO = Path(__file__).resolve().parent.parent
 CI_PROFILE = REPO / "profiles" / "slurm-ci"
@@ -94,15 +94,8 @@ def run_bounded(command: list[str], cwd: Path, timeout: float, env: dict | None 
     """Run Snakemake; past `timeout`, stop it with SIGINT (it scancels its jobs) and fail with the log tail."""
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            output, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
+    output, timed_out = communicate_bounded(process, timeout)
+    if timed_out:
         run_ids = cancel_leftovers(output)
         queue = subprocess.run(["squeue", "--states=all", "--format=%i %T %R %k", f"--name={','.join(run_ids)}"],
                                capture_output=True, text=True) if run_ids else None
