@@ -3,7 +3,9 @@
 Compute comes from Snakemake's benchmark files (``results/benchmarks/<rule>/<name>.tsv``: ``s`` wall
 seconds, ``cpu_time``, ``max_rss`` MB); the GPU count of a job is the one its rule family asks for in
 config ``resources`` (a benchmark does not record it), or 0 where the job's lineage or evaluation JSON
-says it ran on the CPU. Tokens come from the controller call logs
+says it ran on the CPU; ``gpu_s`` is that count x wall time (what a scheduler bills) and ``gpu_busy_s``
+what the job measured (NVML utilisation x time, in the lineage ``run`` or the evaluation's ``run``;
+empty where no GPU job measured it). Tokens come from the controller call logs
 (``results/agent/iter_*/{propose,memory}_calls.jsonl``). Prices are config ``report.prices``.
 Per evaluation task, the time of each evaluate job is split by the tasks' example counts (an estimate).
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["kind", "stage", "jobs", "wall_s", "cpu_s", "gpus", "gpu_s", "max_rss_mb", "calls", "tokens_in",
+COLUMNS = ["kind", "stage", "jobs", "wall_s", "cpu_s", "gpus", "gpu_s", "gpu_busy_s", "max_rss_mb", "calls", "tokens_in",
            "tokens_out", "latency_s", "cost_usd"]
 
 # Rules whose jobs run with config resources[<family>] (and so with its GPU count).
@@ -68,21 +70,31 @@ def read_calls(agent_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["kind", "tokens_in", "tokens_out", "latency_s"])
 
 
-def recorded_gpus(family: str, name: str, evals_dir: Path | None, models_dir: Path | None) -> int | None:
+def job_record(family: str, name: str, evals_dir: Path | None, models_dir: Path | None) -> dict:
+    """What a job wrote about its own run: a model's lineage ``run``, an evaluation's ``settings`` and
+    ``run`` (device, measured GPU busy seconds); empty where there is none."""
+    path = None
+    if family in ("sft", "ties_merging", "import_model") and models_dir is not None:
+        path, keys = models_dir / (name if family == "import_model" else f"{family}-{name}") / "lineage.json", ("run",)
+    elif family == "evaluate" and evals_dir is not None:
+        model, split = name.rsplit(".", 1)
+        path, keys = evals_dir / model / f"{split}.json", ("settings", "run")
+    if path is None or not path.is_file():
+        return {}
+    document = json.loads(path.read_text(encoding="utf-8"))
+    record = {}
+    for key in keys:
+        record.update(document.get(key) or {})
+    return record
+
+
+def recorded_gpus(record: dict) -> int | None:
     """0 where a job's own record says it ran on the CPU, else None (use config's GPU count).
 
     Config asks for GPUs per rule family, but a run on a machine without them falls back to the CPU
     (``device: auto``); the lineage and the evaluation JSON record the device actually used.
     """
-    record = None
-    if family in ("sft", "ties_merging") and models_dir is not None:
-        path = models_dir / f"{family}-{name}" / "lineage.json"
-        record = json.loads(path.read_text(encoding="utf-8")).get("run", {}) if path.is_file() else None
-    elif family == "evaluate" and evals_dir is not None:
-        model, split = name.rsplit(".", 1)
-        path = evals_dir / model / f"{split}.json"
-        record = json.loads(path.read_text(encoding="utf-8")).get("settings", {}) if path.is_file() else None
-    return 0 if record and record.get("device") == "cpu" else None
+    return 0 if record.get("device") == "cpu" else None
 
 
 def evaluation_task_shares(jobs: pd.DataFrame, evals_dir: str | Path) -> pd.DataFrame:
@@ -118,16 +130,21 @@ def costs_table(bench_dir: str | Path, agent_dir: str | Path, resources: dict, p
     jobs = read_benchmarks(bench_dir)
     evals_dir = None if evals_dir is None else Path(evals_dir)
     models_dir = None if models_dir is None else Path(models_dir)
-    gpus = []
+    gpus, busy = [], []
     for job in jobs.itertuples():
-        recorded = recorded_gpus(job.family, job.name, evals_dir, models_dir)
+        record = job_record(job.family, job.name, evals_dir, models_dir)
+        recorded = recorded_gpus(record)
         asked = int(resources.get(job.family, {}).get("gpu", 0)) if job.family in GPU_FAMILIES else 0
         gpus.append(asked if recorded is None else recorded)
+        measured = record.get("gpu_busy_s")
+        busy.append(float(measured) if measured is not None else (0.0 if gpus[-1] == 0 else float("nan")))
     jobs["gpus"] = pd.Series(gpus, index=jobs.index, dtype="int64")
-    jobs["gpu_s"] = jobs["wall_s"] * jobs["gpus"]
+    jobs["gpu_s"] = jobs["wall_s"] * jobs["gpus"]  # what a scheduler bills: allocated GPUs x wall time
+    jobs["gpu_busy_s"] = pd.Series(busy, index=jobs.index, dtype="float64")  # measured (NVML), NaN if not
     compute = jobs.groupby("stage", sort=True).agg(
         jobs=("wall_s", "size"), wall_s=("wall_s", "sum"), cpu_s=("cpu_s", "sum"), gpus=("gpus", "max"),
-        gpu_s=("gpu_s", "sum"), max_rss_mb=("max_rss_mb", "max")).reset_index()
+        gpu_s=("gpu_s", "sum"), gpu_busy_s=("gpu_busy_s", lambda v: v.sum(min_count=len(v))),
+        max_rss_mb=("max_rss_mb", "max")).reset_index()
     compute.insert(0, "kind", "compute")
     if evals_dir is not None:
         compute = pd.concat([compute, evaluation_task_shares(jobs, evals_dir)], ignore_index=True)
@@ -150,8 +167,9 @@ def costs_table(bench_dir: str | Path, agent_dir: str | Path, resources: dict, p
     counted = table[table["kind"] != "compute_share"]  # the shares repeat the evaluate rows
     for column in ("jobs", "wall_s", "cpu_s", "gpu_s", "calls", "tokens_in", "tokens_out", "latency_s", "cost_usd"):
         total[column] = counted[column].sum()
+    total["gpu_busy_s"] = counted.loc[counted["kind"] == "compute", "gpu_busy_s"].sum(min_count=1)
     table = pd.concat([table, pd.DataFrame([total])], ignore_index=True).reindex(columns=COLUMNS)
     for column in ("jobs", "gpus", "calls", "tokens_in", "tokens_out"):
         table[column] = table[column].astype("Int64")
     # Seconds to the millisecond; dollars to the micro-dollar (a few hundred tokens cost fractions of a cent).
-    return table.round({"wall_s": 3, "cpu_s": 3, "gpu_s": 3, "max_rss_mb": 2, "latency_s": 3, "cost_usd": 6})
+    return table.round({"wall_s": 3, "cpu_s": 3, "gpu_s": 3, "gpu_busy_s": 3, "max_rss_mb": 2, "latency_s": 3, "cost_usd": 6})

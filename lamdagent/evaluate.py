@@ -116,8 +116,11 @@ def _plain(value: Any) -> Any:
 
 def evaluate(model_dir, tasks: list[str], out_json, *, batch_size: int | str = 16, device: str = "auto",
              dtype: str = "auto", backend: str = "hf", limit: int | None = None, seed: int = 0,
-             extra_include_paths=()) -> dict:
-    """Run lm-eval on ``model_dir`` for exactly ``tasks``; write and return the result dict."""
+             extra_include_paths=(), usage=None) -> dict:
+    """Run lm-eval on ``model_dir`` for exactly ``tasks``; write and return the result dict.
+
+    ``usage``, if given, is called once lm-eval is done; its dict (wall, CPU, measured GPU seconds) is
+    stored as ``run``."""
     if not tasks:
         raise ValueError("evaluate() needs at least one task name")
     t0 = time.monotonic()
@@ -171,6 +174,8 @@ def evaluate(model_dir, tasks: list[str], out_json, *, batch_size: int | str = 1
         "settings": {"batch_size": batch_size, "device": device, "dtype": dtype, "backend": backend,
                      "limit": limit, "seed": seed},
     }
+    if usage is not None:
+        result["run"] = usage()
     atomic_write_json(out_json, result)
     return result
 

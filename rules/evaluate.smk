@@ -22,6 +22,8 @@ rule score:
         evaluation="results/evals/{model}/val.json",
     output:
         score="results/scores/{model}.json",
+    params:
+        card_dir=lambda wildcards: card_dir(wildcards.model),
     log:
         "results/logs/score/{model}.log",
     benchmark:

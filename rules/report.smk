@@ -23,6 +23,9 @@ rule topk:
         unpack(topk_inputs),
     output:
         topk=report("results/report/topk.tsv", caption="../report/topk.rst", category="Leaderboard"),
+    params:
+        card_dirs=lambda wildcards: {m: card_dir(m) for m in config["models"]},
+        models_dir=f"{RESULTS}/models",
     log:
         "results/logs/report/topk.log",
     benchmark:

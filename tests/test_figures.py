@@ -195,6 +195,18 @@ def test_costs_per_stage_and_per_call_kind(tmp_path):
     (tmp_path / "models" / "sft-a" / "lineage.json").write_text(json.dumps({"run": {"device": "cuda"}}))
     measured = costs_table(bench, agent, resources, prices, models_dir=tmp_path / "models").set_index("stage")
     assert measured.loc["action:sft", ["gpus", "gpu_s"]].tolist() == [2, 20]
+    # Allocated GPU seconds are billed; busy GPU seconds are what the job measured (NaN until all did).
+    assert pd.isna(measured.loc["action:sft", "gpu_busy_s"])
+    (tmp_path / "models" / "sft-a" / "lineage.json").write_text(json.dumps({"run": {"device": "cuda",
+                                                                                   "gpu_busy_s": 12.5}}))
+    (evals / "sft-a" / "test.json").write_text(json.dumps({"tasks": {"arith_test": {"n": 40}},
+                                                         "settings": {"device": "cuda"}, "run": {"gpu_busy_s": 3.0}}))
+    measured = costs_table(bench, agent, resources, prices, evals_dir=evals,
+                           models_dir=tmp_path / "models").set_index("stage")
+    assert measured.loc["action:sft", ["gpu_s", "gpu_busy_s"]].tolist() == [20, 12.5]  # sft-b ran on the CPU: 0
+    assert measured.loc["evaluate:test", ["gpu_s", "gpu_busy_s"]].tolist() == [7, 3.0]
+    assert pd.isna(measured.loc["evaluate:val", "gpu_busy_s"])  # a GPU job that measured nothing
+    assert measured.loc["action:ties_merging", "gpu_busy_s"] == 0  # config gives it no GPU
 
 
 def test_report_settings_are_optional_with_defaults_and_checked():

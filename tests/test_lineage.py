@@ -144,3 +144,63 @@ def test_rebuild_in_a_fresh_results_dir_is_bit_identical(chain, tmp_path, capsys
     assert sha256_file(fresh / "datasets" / "all.jsonl") == sha256_file(chain["results"] / "datasets" / "all.jsonl")
     assert (fresh / "data" / "arith" / "train.jsonl").is_file()
     assert lin.verify(fresh / "models" / chain["ids"][3]) == []
+
+
+def test_card_gains_scores_without_touching_hashes_or_snakemake_dates(chain, tmp_path):
+    model = tmp_path / "copy"
+    shutil.copytree(chain["final"], model)
+    (model / ".snakemake_timestamp").touch()  # what Snakemake dates a directory output by
+    stamp = (model / ".snakemake_timestamp").stat().st_mtime_ns
+    assert "Not evaluated" in (model / "README.md").read_text()
+    val = {"split": "val", "tasks": {"arith": 0.25, "choice": 0.5}, "weights": {"arith": 1, "choice": 1},
+           "s_multi": 0.75}
+    test = {"split": "test", "tasks": {"arith": 0.2, "choice": 0.4, "arith_ood": 0.1}, "s_multi": 0.6}
+    assert lin.refresh_card(model, {"validation": val, "test": test})
+    card = (model / "README.md").read_text()
+    assert "| task | validation | test |" in card
+    assert "| arith | 0.25 | 0.2 |" in card and "| arith_ood |  | 0.1 |" in card and "| **s_multi** | 0.75 | 0.6 |" in card
+    assert lin.verify(model) == []
+    assert (model / ".snakemake_timestamp").stat().st_mtime_ns == stamp
+    # A directory without a lineage record (a user's local model) is never written to.
+    assert not lin.refresh_card(chain["tiny"], {"validation": val})
+
+
+def test_a_base_model_directory_carries_its_own_record(chain, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(chain["tiny"], base)
+    spec = {"source": "hub", "repo": "org/tiny", "revision": "abc123"}
+    with lin.measure() as usage:
+        pass
+    record = lin.record_base(base, "tiny-base", spec, usage)
+    assert record["kind"] == "base" and record["source"] == spec and record["run"]["wall_s"] >= 0
+    assert record["files"]["model.safetensors"]["sha256"] == sha256_file(base / "model.safetensors")
+    card = (base / "README.md").read_text()
+    assert "hub org/tiny@abc123" in card and "base_model:" not in card.split("---")[1]
+    assert main(["lineage", str(base), "--verify"]) == 0
+    assert "[base: hub org/tiny@abc123]" in capsys.readouterr().out
+    (base / "model.safetensors").write_bytes(b"corrupt")
+    assert main(["lineage", str(base), "--verify"]) != 0
+    # A model built on it embeds the base's own record as its parent.
+    assert lin.parent_node("tiny-base", base, None)["source"] == spec
+
+
+def test_busy_gpu_seconds_integrate_utilisation_over_time():
+    samples = [(0.0, [100.0, 50.0]), (2.0, [0.0, 100.0]), (3.0, [0.0, 0.0])]
+    assert lin.busy_seconds(samples) == pytest.approx(2 * 1.5 + 1 * 1.0)
+    assert lin.busy_seconds(samples[:1]) == 0.0
+
+
+def test_gpu_meter_samples_until_stopped_and_says_why_when_it_cannot():
+    import time
+
+    meter = lin.GpuMeter(sample=lambda: [100.0], interval_s=0.01).start()
+    time.sleep(0.1)
+    usage = meter.stop()
+    assert len(meter.samples) >= 3 and usage["gpu_util_mean"] == [100.0]
+    assert usage["gpu_busy_s"] == pytest.approx(meter.samples[-1][0] - meter.samples[0][0], abs=1e-3)
+
+    def no_nvml():
+        raise ModuleNotFoundError("No module named 'pynvml'")
+
+    usage = lin.GpuMeter(sample=no_nvml, interval_s=0.01).start().stop()
+    assert usage["gpu_busy_s"] is None and "pynvml" in usage["gpu_busy_s_is"]

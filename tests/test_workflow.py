@@ -94,6 +94,13 @@ def test_random_exploration_is_killed_resumes_and_continues(tmp_path, tiny_model
     assert board[0].split("\t")[:4] == ["rank", "model", "iteration", "pipeline"]
     topk = (workdir / "results" / "report" / "topk.tsv").read_text().splitlines()
     assert "test_arith_ood" in topk[0] and len(topk) >= 3
+    # Model cards gain the scores once known: validation for every built model, test for the top-k.
+    for model in distinct - {"tiny"}:
+        assert "| task | validation |" in (workdir / "results" / "models" / model / "README.md").read_text()
+    for row in topk[1:]:
+        model = row.split("\t")[0]
+        if model != "tiny":
+            assert "| task | validation | test |" in (workdir / "results" / "models" / model / "README.md").read_text()
     for iteration in range(1, 4):
         calls = workdir / "results" / "agent" / f"iter_{iteration}" / "propose_calls.jsonl"
         assert calls.exists()  # the random controller makes no LLM calls, but the record is there
