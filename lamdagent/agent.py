@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import prompts
-from .actions import ACTIONS, enumerate_actions
+from .actions import ACTIONS, enumerate_actions, is_valid_combination
 from .objects import Pool, recipe_for
 from .parsing import parse_choice, parse_objects
 from .recipe import RecipeStore, model_id, pipeline_text
@@ -73,12 +73,14 @@ class CallLog:
                 return parsed
         return None
 
-    def totals(self) -> dict:
+    def totals(self, since: int = 0) -> dict:
+        """Calls, tokens and latency of the calls from number ``since`` on (all by default)."""
+        calls = self.calls[since:]
         return {
-            "calls": len(self.calls),
-            "tokens_in": sum(c["tokens_in"] for c in self.calls),
-            "tokens_out": sum(c["tokens_out"] for c in self.calls),
-            "latency_s": round(sum(c["latency_s"] for c in self.calls), 4),
+            "calls": len(calls),
+            "tokens_in": sum(c["tokens_in"] for c in calls),
+            "tokens_out": sum(c["tokens_out"] for c in calls),
+            "latency_s": round(sum(c["latency_s"] for c in calls), 4),
         }
 
 
@@ -86,36 +88,97 @@ def seeded_rng(seed: int, iteration: int, purpose: str) -> random.Random:
     return random.Random(f"{seed}:{iteration}:{purpose}")
 
 
-def propose(*, iteration: int, config: dict, pool: Pool, history: list[dict], memory: str, controller,
-            store: RecipeStore, log: CallLog) -> dict:
-    """Choose the next step and return its proposal record (recipe saved to ``store``)."""
+def action_space(config: dict, pool: Pool) -> dict[str, list[tuple]]:
     space = {a: combos for a, combos in enumerate_actions(config["action_types"], pool.candidates).items() if combos}
     if not space:
         raise RuntimeError("the action space is empty: every action type lacks a valid combination of objects")
-    action_types = list(space)
-    settings = config["controller"]
-    fallback = {"type_selection": False, "object_selection": False}
+    return space
 
-    if controller is None:  # random controller: uniform over all enumerated actions
-        rng = seeded_rng(config["seed"], iteration, "random-controller")
-        flat = [(action, combo) for action in action_types for combo in space[action]]
-        action, combo = rng.choice(flat)
-    else:
-        prompt = prompts.type_selection(eval_tasks=config["eval_tasks"], memory=memory, history=history,
-                                        action_types=action_types, counts={a: len(space[a]) for a in action_types})
-        n_types = len(action_types)
-        prefix = "I choose action number"
-        retry = Retry(hint=f"Reply with the number of the action only (1 to {n_types}).", prefix=prefix,
-                      parse=lambda reply: parse_choice(answer_after(prefix, reply, ":.,\n"), n_types))
-        index = log.ask_until_parsed(controller, "type_selection", prompt, retries=settings["retries"],
-                                     max_tokens=settings["max_tokens"]["type_selection"], stop=settings["stop"],
-                                     parse=lambda reply: parse_choice(reply, n_types), retry=retry)
-        if index is None:
-            fallback["type_selection"] = True
-            index = seeded_rng(config["seed"], iteration, "type").randrange(len(action_types))
-        action = action_types[index]
-        combo = _select_objects(action, config, pool, space[action], memory, controller, log, fallback, iteration)
 
+@dataclass
+class Round:
+    """Choice ``index`` (0-based) of the ``k`` an iteration proposes (k > 1 only).
+
+    ``chosen``: the pipelines chosen earlier in this iteration; ``taken``: per action type, the
+    combinations built before, as the object prompt shows them; ``rejected``: replies that named a
+    combination chosen already or built (counted in the step record).
+    """
+
+    index: int
+    k: int
+    chosen: list[str]
+    taken: dict[str, list[str]]
+    rejected: int = 0
+
+    def note(self, action: str | None = None) -> str:
+        return prompts.parallel_note(number=self.index + 1, k=self.k, chosen=self.chosen,
+                                     taken=self.taken.get(action, []) if action else [])
+
+    def purpose(self, name: str) -> str:
+        """The seeded fallback's purpose: choice 0 draws as with k = 1, the others each their own."""
+        return name if self.index == 0 else f"{name}:{self.index}"
+
+
+def propose(*, iteration: int, config: dict, pool: Pool, history: list[dict], memory: str, controller,
+            store: RecipeStore, log: CallLog) -> dict:
+    """Choose the next step and return its proposal record (recipe saved to ``store``): the paper's k = 1."""
+    space = action_space(config, pool)
+    rng = seeded_rng(config["seed"], iteration, "random-controller")
+    action, combo, fallback = _choose(space, iteration=iteration, config=config, pool=pool, history=history,
+                                      memory=memory, controller=controller, log=log, rng=rng, round_=None)
+    return _record(iteration, action, combo, fallback, config=config, pool=pool, history=history, store=store,
+                   log=log)
+
+
+def propose_many(*, k: int, iteration: int, config: dict, pool: Pool, history: list[dict], memory: str, controller,
+                 store: RecipeStore, log: CallLog) -> list[dict]:
+    """Choose ``k`` distinct steps to run in parallel (``proposals_per_iteration``).
+
+    Each choice is a round of type and object selection told what this iteration chose already; a
+    recipe chosen already or built before (initial models, earlier steps) is rejected: asked again,
+    then replaced by a seeded random choice among the remaining new recipes (counted as a fallback).
+    Fewer than k come back only when fewer new recipes remain; when none remains at all, one known
+    recipe is proposed and flagged as a repeat, as with k = 1. ``k = 1`` is :func:`propose`.
+    """
+    if k == 1:
+        return [propose(iteration=iteration, config=config, pool=pool, history=history, memory=memory,
+                        controller=controller, store=store, log=log)]
+    space = action_space(config, pool)
+    ids = {action: [model_id(recipe_for(config, pool.datasets, action, combo)) for combo in combos]
+           for action, combos in space.items()}
+    known = {entry["model"] for entry in history}
+    # What the object prompt lists as built, per action type, in the words of its candidates.
+    built = {action: [_combo_text(action, c, pool) for c, mid in zip(combos, ids[action]) if mid in known]
+             for action, combos in space.items()}
+    rng = seeded_rng(config["seed"], iteration, "random-controller")
+    records: list[dict] = []
+    for index in range(k):
+        taken = known | {r["model"] for r in records}
+        remaining = {action: [c for c, mid in zip(combos, ids[action]) if mid not in taken]
+                     for action, combos in space.items()}
+        remaining = {action: combos for action, combos in remaining.items() if combos}
+        round_ = Round(index=index, k=k, chosen=[r["pipeline"] for r in records], taken=built)
+        if not remaining:
+            if records:
+                break
+            # Every recipe is known: one flagged repeat keeps the iteration going, asked as with k = 1.
+            remaining, round_ = space, None
+        first_call = len(log.calls)
+        action, combo, fallback = _choose(remaining, iteration=iteration, config=config, pool=pool, history=history,
+                                          memory=memory, controller=controller, log=log, rng=rng, round_=round_)
+        record = _record(iteration, action, combo, fallback, config=config, pool=pool, history=history, store=store,
+                         log=log, since=first_call)
+        records.append({"iteration": iteration, "index": index, **record,
+                        "rejected": round_.rejected if round_ else 0})
+    return records
+
+
+def _combo_text(action: str, combo: tuple, pool: Pool) -> str:
+    """A combination as the object prompt names its candidates: ``sft(tiny, arith, 0.001)``."""
+    return f"{action}({', '.join(pool.label(value) for value in combo)})"
+
+
+def _record(iteration, action, combo, fallback, *, config, pool, history, store, log, since: int = 0) -> dict:
     recipe = recipe_for(config, pool.datasets, action, combo)
     mid = model_id(recipe)
     store.save(recipe)
@@ -134,12 +197,46 @@ def propose(*, iteration: int, config: dict, pool: Pool, history: list[dict], me
         "repeat_of": repeat_of,
         "controller": config["controller"]["type"],
         "fallback": fallback,
-        "calls": log.totals(),
+        "calls": log.totals(since),
     }
 
 
-def _select_objects(action, config, pool, combos, memory, controller, log, fallback, iteration) -> tuple:
-    """Ask for the objects of the open slots; a slot with one candidate is filled, not asked."""
+def _choose(space, *, iteration, config, pool, history, memory, controller, log, rng, round_: Round | None):
+    """(action, objects, fallback flags) of one choice among ``space``."""
+    action_types = list(space)
+    fallback = {"type_selection": False, "object_selection": False}
+    if controller is None:  # random controller: uniform over all enumerated actions
+        flat = [(action, combo) for action in action_types for combo in space[action]]
+        action, combo = rng.choice(flat)
+        return action, combo, fallback
+    settings = config["controller"]
+    prompt = prompts.type_selection(eval_tasks=config["eval_tasks"], memory=memory, history=history,
+                                    action_types=action_types, counts={a: len(space[a]) for a in action_types},
+                                    parallel=round_.note() if round_ else None)
+    n_types = len(action_types)
+    prefix = "I choose action number"
+    retry = Retry(hint=f"Reply with the number of the action only (1 to {n_types}).", prefix=prefix,
+                  parse=lambda reply: parse_choice(answer_after(prefix, reply, ":.,\n"), n_types))
+    index = log.ask_until_parsed(controller, "type_selection", prompt, retries=settings["retries"],
+                                 max_tokens=settings["max_tokens"]["type_selection"], stop=settings["stop"],
+                                 parse=lambda reply: parse_choice(reply, n_types), retry=retry)
+    if index is None:
+        fallback["type_selection"] = True
+        purpose = round_.purpose("type") if round_ else "type"
+        index = seeded_rng(config["seed"], iteration, purpose).randrange(len(action_types))
+    action = action_types[index]
+    combo = _select_objects(action, config, pool, space[action], memory, controller, log, fallback, iteration,
+                            round_)
+    return action, combo, fallback
+
+
+def _select_objects(action, config, pool, combos, memory, controller, log, fallback, iteration,
+                    round_: Round | None = None) -> tuple:
+    """Ask for the objects of the open slots; a slot with one candidate is filled, not asked.
+
+    ``combos`` are the choices allowed (with k > 1, those not taken yet); a reply naming another
+    valid combination is rejected like an unparsable one.
+    """
     settings = config["controller"]
     object_types = config["action_types"][action]
     candidate_lists = [pool.candidates[t] for t in object_types]
@@ -149,7 +246,8 @@ def _select_objects(action, config, pool, combos, memory, controller, log, fallb
         return tuple(combos[0])
     slots = [(specs[i].describe, [pool.label(v) for v in candidate_lists[i]]) for i in open_slots]
     fixed = [(specs[i].describe, pool.label(candidate_lists[i][0])) for i in range(len(specs)) if i not in open_slots]
-    prompt = prompts.object_selection(action=action, slots=slots, memory=memory, fixed=fixed)
+    prompt = prompts.object_selection(action=action, slots=slots, memory=memory, fixed=fixed,
+                                      parallel=round_.note(action) if round_ else None)
 
     def parse(reply: str):
         picked = parse_objects(reply, [len(candidate_lists[i]) for i in open_slots])
@@ -157,15 +255,21 @@ def _select_objects(action, config, pool, combos, memory, controller, log, fallb
             return None
         chosen = dict(zip(open_slots, picked))
         combo = tuple(values[chosen.get(i, 0)] for i, values in enumerate(candidate_lists))
-        return combo if combo in combos else None  # e.g. a merge of a model with itself
+        if combo in combos:
+            return combo
+        if round_ is not None and is_valid_combination(action, combo):
+            round_.rejected += 1  # a valid combination, but chosen already or built before
+        return None  # e.g. a merge of a model with itself
 
-    retry = Retry(hint=f"Reply with {len(slots)} numbers in double square brackets, one per slot.", prefix="[[",
-                  parse=lambda reply: parse("[[" + answer_after("[[", reply, "]") + "]]"))
+    hint = f"Reply with {len(slots)} numbers in double square brackets, one per slot."
+    if round_ is not None:
+        hint = f"Reply with {len(slots)} numbers in double square brackets, one per slot, for a new combination."
+    retry = Retry(hint=hint, prefix="[[", parse=lambda reply: parse("[[" + answer_after("[[", reply, "]") + "]]"))
     combo = log.ask_until_parsed(controller, "object_selection", prompt, retries=settings["retries"],
                                  max_tokens=settings["max_tokens"]["object_selection"], stop=settings["stop"],
                                  parse=parse, retry=retry)
     if combo is None:
         fallback["object_selection"] = True
-        combo = seeded_rng(config["seed"], iteration, f"objects:{action}").choice(combos)
+        purpose = round_.purpose(f"objects:{action}") if round_ else f"objects:{action}"
+        combo = seeded_rng(config["seed"], iteration, purpose).choice(combos)
     return tuple(combo)
-

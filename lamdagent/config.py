@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from .actions import ACTION_PREFIXES, ACTIONS
+from .actions import ACTION_PREFIXES, ACTIONS, count_actions
 from .tasks import TASKS
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
@@ -24,6 +24,7 @@ METRIC_MAX = {"exact_match": 1.0, "acc": 1.0, "acc_norm": 1.0, "f1": 1.0, "mc1":
               "rouge1": 1.0, "rougeL": 1.0}
 
 DEFAULTS: dict[str, Any] = {
+    "proposals_per_iteration": 1,
     "controller": {
         "temperature": 0.0,
         "timeout_s": 120.0,
@@ -230,6 +231,7 @@ def check(config: dict, workdir: Path) -> None:
     for index, object_type in enumerate(config["generated_models_join"]):
         if kinds.get(object_type) != "model":
             raise ConfigError(f"generated_models_join[{index}]", f"{object_type!r} is not an object type of models")
+    _check_proposals(config)
 
     # Evaluation tasks.
     names = []
@@ -256,6 +258,17 @@ def check(config: dict, workdir: Path) -> None:
         model = controller["model"]
         if model not in config["models"] and not (workdir / model / "config.json").is_file():
             raise ConfigError("controller.model", f"{model!r} is neither a model under `models` nor a model directory")
+
+
+def _check_proposals(config: dict) -> None:
+    """k distinct proposals need k distinct actions in the first iteration's space (it only grows)."""
+    k = config["proposals_per_iteration"]
+    if k == 1:
+        return
+    total = sum(count_actions(config["action_types"], config["objects"]).values())
+    if k > total:
+        raise ConfigError("proposals_per_iteration", f"{k} distinct actions per iteration, but the initial objects "
+                                                     f"allow only {total}")
 
 
 def _check_recipe_models(config: dict, kinds: dict[str, str]) -> None:

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .actions import action_spec  # noqa: E402
+from .plan import step_entries  # noqa: E402
 from .recipe import RecipeStore, is_built_id  # noqa: E402
 
 # No timestamps or random ids in the SVGs: the same results give the same files.
@@ -41,10 +42,11 @@ def save(fig, stem: str | Path) -> list[Path]:
 
 
 def step_points(step_records: list[dict]) -> pd.DataFrame:
-    """One row per scored agent step: iteration, model, s_multi (a repeated recipe counts again)."""
-    rows = [{"iteration": r["iteration"], "model": r["model"], "s_multi": r["score"]["s_multi"]}
-            for r in step_records
-            if "initial" not in r and r.get("status") == "done" and r.get("score")]
+    """One row per scored agent step: iteration, model, s_multi (a repeated recipe counts again;
+    with k proposals per iteration, k points per iteration)."""
+    rows = [{"iteration": e["iteration"], "model": e["model"], "s_multi": e["score"]["s_multi"]}
+            for r in step_records if "initial" not in r
+            for e in step_entries(r) if e.get("status") == "done" and e.get("score")]
     return pd.DataFrame(rows, columns=["iteration", "model", "s_multi"])
 
 

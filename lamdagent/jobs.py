@@ -205,8 +205,9 @@ def _load_pool_and_history(smk, upto: int):
 
     pool = Pool.from_json(read_json("results/agent/pool.json"))
     initial, steps = load_steps("results/agent", upto)
-    pool = pool.with_models([s["model"] for s in steps if s.get("status") == "done"])
-    return pool, history_entries(initial, steps)
+    history = history_entries(initial, steps)
+    pool = pool.with_models([e["model"] for e in history if e["iteration"] and e.get("status") == "done"])
+    return pool, history
 
 
 def initial_step(smk):
@@ -233,45 +234,51 @@ def initial_step(smk):
 
 
 def propose(smk):
-    from .agent import CallLog
-    from .agent import propose as run_propose
-    from .plan import write_plan
+    from .agent import CallLog, propose_many
+    from .plan import iteration_record, write_plan
     from .recipe import RecipeStore
 
     iteration = int(smk.wildcards.iteration)
+    k = smk.config["proposals_per_iteration"]
     with job_context(smk):
         pool, history = _load_pool_and_history(smk, iteration - 1)
         memory = Path(smk.input.memory).read_text(encoding="utf-8").strip()
         log = CallLog()
-        record = run_propose(iteration=iteration, config=smk.config, pool=pool, history=history, memory=memory,
-                             controller=_controller(smk), store=RecipeStore("results/recipes"), log=log)
-        record["status"] = "proposed"
+        records = propose_many(k=k, iteration=iteration, config=smk.config, pool=pool, history=history, memory=memory,
+                               controller=_controller(smk), store=RecipeStore("results/recipes"), log=log)
+        for record in records:
+            record["status"] = "proposed"
         write_jsonl(smk.output.calls, log.calls)
-        atomic_write_json(smk.output.proposal, record)
+        atomic_write_json(smk.output.proposal, iteration_record(iteration, records, k))
         write_plan("results/agent", "results/plan.yaml")
-        print(f"iteration {iteration}: {record['pipeline']} -> {record['model']} (fallback {record['fallback']})")
+        for record in records:
+            print(f"iteration {iteration}: {record['pipeline']} -> {record['model']} (fallback {record['fallback']})")
 
 
 def update_memory(smk):
     from .agent import CallLog
     from .memory import update_memory as run_update
-    from .plan import write_plan
+    from .plan import iteration_record, step_entries, write_plan
 
     iteration = int(smk.wildcards.iteration)
+    k = smk.config["proposals_per_iteration"]
     with job_context(smk):
         _, history = _load_pool_and_history(smk, iteration - 1)
-        record = read_json(smk.input.proposal)
-        record["score"] = read_json(smk.input.score)
-        record["status"] = "done"
+        records = step_entries(read_json(smk.input.proposal))
+        scores = {Path(path).stem: read_json(path) for path in smk.input.scores}
+        for record in records:
+            record["score"] = scores[record["model"]]
+            record["status"] = "done"
         memory = Path(smk.input.memory).read_text(encoding="utf-8").strip()
         log = CallLog()
-        new_memory, fallback = run_update(config=smk.config, memory=memory, history=history, new=record,
-                                          controller=_controller(smk), log=log)
-        record["fallback"]["memory_update"] = fallback
-        record["calls_memory"] = log.totals()
+        # All k results of the iteration feed one rewrite of the memory.
+        new_memory, fallback = run_update(config=smk.config, memory=memory, history=history,
+                                          new=records[0] if k == 1 else records, controller=_controller(smk), log=log)
+        for record in records:
+            record["fallback"]["memory_update"] = fallback
         write_jsonl(smk.output.calls, log.calls)
         atomic_write_text(smk.output.memory, new_memory.strip() + "\n")
-        atomic_write_json(smk.output.step, record)
+        atomic_write_json(smk.output.step, iteration_record(iteration, records, k, calls_memory=log.totals()))
         write_plan("results/agent", "results/plan.yaml")
 
 

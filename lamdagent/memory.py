@@ -7,26 +7,37 @@ from .agent import Retry
 from .parsing import clean_memory
 
 
-def summary_memory(history: list[dict], new: dict) -> str:
-    """The memory written without an LLM (random controller, or as the counted fallback)."""
-    scored = [h for h in history + [new] if h.get("score")]
+def summary_memory(history: list[dict], new: dict | list[dict]) -> str:
+    """The memory written without an LLM (random controller, or as the counted fallback).
+
+    ``new``: the iteration's step, or its k steps when they ran in parallel.
+    """
+    news = [new] if isinstance(new, dict) else list(new)
+    scored = [h for h in history + news if h.get("score")]
     lines = []
     if scored:
         best = max(scored, key=lambda h: h["score"]["s_multi"])
         lines.append(f"Best so far: {best['pipeline']} (score {best['score']['s_multi']:.3f}).")
-    lines.append(f"Last step: {prompts.result_line(new)[2:]}.")
+    if isinstance(new, dict):
+        lines.append(f"Last step: {prompts.result_line(new)[2:]}.")
+    else:
+        lines.append("Last steps: " + "; ".join(prompts.result_line(entry)[2:] for entry in news) + ".")
     return " ".join(lines)
 
 
-def step_note(new: dict, history: list[dict]) -> str:
-    if new.get("repeat_of") is not None:
-        return (f"Note: this choice repeated the recipe of iteration {new['repeat_of']}; nothing was trained and "
-                "the known score was reused. Choose something new next time.")
-    return ""
+def step_note(new: dict | list[dict], history: list[dict]) -> str:
+    news = [new] if isinstance(new, dict) else list(new)
+    notes = []
+    for entry in news:
+        if entry.get("repeat_of") is not None:
+            notes.append(f"Note: this choice repeated the recipe of iteration {entry['repeat_of']}; nothing was "
+                         "trained and the known score was reused. Choose something new next time.")
+    return "\n".join(notes)
 
 
-def update_memory(*, config: dict, memory: str, history: list[dict], new: dict, controller, log) -> tuple[str, bool]:
-    """(new memory, fallback used)."""
+def update_memory(*, config: dict, memory: str, history: list[dict], new: dict | list[dict], controller,
+                  log) -> tuple[str, bool]:
+    """(new memory, fallback used). ``new``: the step, or the k steps of the iteration (all feed the memory)."""
     max_words = config["memory"]["max_words"]
     if controller is None:
         return summary_memory(history, new), False

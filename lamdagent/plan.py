@@ -3,6 +3,9 @@
 ``proposal.json`` is written when the agent chooses the step, ``step.json`` once its model is
 scored and the memory rewritten. ``results/plan.yaml`` is the readable view of those records:
 rewritten atomically after each, entries only ever added or completed, never changed.
+
+With ``proposals_per_iteration`` k > 1 an iteration's file holds its k steps under ``steps``
+(each with its ``index`` in the iteration); with k = 1 (the paper) the file is the step itself.
 """
 
 from __future__ import annotations
@@ -27,10 +30,28 @@ def iterations_on_disk(agent_dir: str | Path) -> list[int]:
     return sorted(found)
 
 
+def step_entries(record: dict) -> list[dict]:
+    """The model entries of one iteration's record: the initial models, the k steps, or the one step."""
+    if "initial" in record:
+        return [dict(entry, iteration=record["iteration"]) for entry in record["initial"]]
+    if "steps" in record:
+        return list(record["steps"])
+    return [record]
+
+
+def iteration_record(iteration: int, entries: list[dict], k: int, **extra) -> dict:
+    """What ``proposal.json`` / ``step.json`` hold: the step itself for k = 1, else the k steps."""
+    if k == 1:
+        (entry,) = entries
+        return dict(entry, **extra)
+    return {"iteration": iteration, "k": k, "steps": entries, **extra}
+
+
 def history_entries(initial_step: dict, steps: list[dict]) -> list[dict]:
     """What the prompts show: every initial model and every step, with score or failure."""
-    entries = [dict(entry, iteration=0) for entry in initial_step["initial"]]
-    entries += steps
+    entries = step_entries(initial_step)
+    for record in steps:
+        entries += step_entries(record)
     return entries
 
 
@@ -42,7 +63,8 @@ def load_steps(agent_dir: str | Path, upto: int) -> tuple[dict, list[dict]]:
 
 
 def plan_entry(record: dict) -> dict:
-    keys = ("iteration", "model", "action", "objects", "pipeline", "controller", "fallback", "repeat_of", "status")
+    # `index` (the step's place among the iteration's k) only where k > 1: k = 1 keeps the paper's layout.
+    keys = ("iteration", *(("index",) if "index" in record else ()), "model", "action", "objects", "pipeline", "controller", "fallback", "repeat_of", "status")
     entry = {key: record.get(key) for key in keys}
     score = record.get("score")
     entry["score"] = None if not score else round(score["s_multi"], 6)
@@ -66,6 +88,6 @@ def write_plan(agent_dir: str | Path, plan_path: str | Path) -> dict:
                 for e in record["initial"]
             ]
         else:
-            plan["steps"].append(plan_entry(record))
+            plan["steps"] += [plan_entry(entry) for entry in step_entries(record)]
     atomic_write_yaml(plan_path, plan)
     return plan

@@ -29,7 +29,29 @@ def results_block(history: list[dict]) -> str:
     return "\n".join(lines) if lines else "- none yet"
 
 
-def type_selection(*, eval_tasks, memory: str, history: list[dict], action_types: list[str], counts: dict) -> str:
+MAX_TAKEN_LINES = 10
+
+
+def parallel_note(*, number: int, k: int, chosen: list[str], taken: list[str] = ()) -> str:
+    """For k > 1 proposals per iteration: which choice this is and what may not be chosen again.
+
+    ``chosen``: pipelines chosen earlier in this iteration; ``taken``: combinations already built
+    (object selection only, where the candidates are listed).
+    """
+    lines = [f"This iteration runs {k} different actions in parallel; this is choice {number} of {k}."]
+    if chosen:
+        lines.append("Already chosen this iteration: " + "; ".join(chosen) + ".")
+    if taken:
+        shown = list(taken)[-MAX_TAKEN_LINES:]
+        more = f" and {len(taken) - len(shown)} more" if len(taken) > len(shown) else ""
+        lines.append("Already built: " + "; ".join(shown) + more + ".")
+    lines.append("A choice made already this iteration or built before is rejected: choose a new one.")
+    return "\n".join(lines)
+
+
+def type_selection(*, eval_tasks, memory: str, history: list[dict], action_types: list[str], counts: dict,
+                   parallel: str | None = None) -> str:
+    """``parallel``: the note of :func:`parallel_note` (k > 1 only; k = 1 is the paper's prompt)."""
     actions = "\n".join(
         f"{number}. {name}: {ACTIONS[name].describe} ({counts[name]} possible choices)"
         for number, name in enumerate(action_types, start=1)
@@ -39,16 +61,17 @@ def type_selection(*, eval_tasks, memory: str, history: list[dict], action_types
         f"Goal: the highest total score on the target tasks: {_tasks_line(eval_tasks)}.\n\n"
         f"Your memory:\n{memory}\n\n"
         f"Results so far, best first:\n{results_block(history)}\n\n"
-        f"Actions you can take:\n{actions}\n\n"
+        + (f"{parallel}\n\n" if parallel else "")
+        + f"Actions you can take:\n{actions}\n\n"
         "Keep exploring: an action or combination not tried yet may beat the best pipeline so far.\n"
         "Reflect briefly on the results, then provide the number of the action you choose at the end."
     )
 
 
 def object_selection(*, action: str, slots: list[tuple[str, list[str]]], memory: str,
-                     fixed: list[tuple[str, str]] = ()) -> str:
+                     fixed: list[tuple[str, str]] = (), parallel: str | None = None) -> str:
     """``slots``: (slot description, candidate labels) in slot order, for the slots to choose;
-    ``fixed``: (slot description, the only candidate) for the others."""
+    ``fixed``: (slot description, the only candidate) for the others; ``parallel``: as for type_selection."""
     blocks = []
     for number, (describe, labels) in enumerate(slots, start=1):
         options = "\n".join(f"{index}. {label}" for index, label in enumerate(labels, start=1))
@@ -59,18 +82,28 @@ def object_selection(*, action: str, slots: list[tuple[str, list[str]]], memory:
         f"You chose the action {action}: {ACTIONS[action].describe}.{fixed_text}\n"
         "Pick one candidate for each slot. Models generated in earlier iterations are as promising as "
         "the initial ones.\n\n"
+        + (f"{parallel}\n\n" if parallel else "")
         + "\n\n".join(blocks)
         + f"\n\nYour memory:\n{memory}\n\n"
         f"Answer with one number per slot, in slot order, in double square brackets, like [[{letters}]]."
     )
 
 
-def memory_update(*, eval_tasks, memory: str, history: list[dict], new: dict, note: str, max_words: int) -> str:
+def new_results(new: dict | list[dict]) -> str:
+    """The result(s) of this iteration: one step (the paper) or the k steps run in parallel."""
+    if isinstance(new, dict):
+        return f"New result (iteration {new['iteration']}):\n{result_line(new)}"
+    lines = "\n".join(result_line(entry) for entry in new)
+    return f"New results (iteration {new[0]['iteration']}, {len(new)} actions run in parallel):\n{lines}"
+
+
+def memory_update(*, eval_tasks, memory: str, history: list[dict], new: dict | list[dict], note: str,
+                  max_words: int) -> str:
     return (
         "You keep the memory of an agent that builds post-training pipelines for a language model.\n"
         f"Target tasks: {_tasks_line(eval_tasks)}.\n\n"
         f"Previous memory:\n{memory}\n\n"
         f"Results so far, best first:\n{results_block(history)}\n\n"
-        f"New result (iteration {new['iteration']}):\n{result_line(new)}\n{note}\n\n"
+        f"{new_results(new)}\n{note}\n\n"
         f"Rewrite the memory in at most {max_words} words: what worked, what did not, and what to try next."
     )

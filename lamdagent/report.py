@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .plan import step_entries
 from .score import score
 
 
 def leaderboard_table(step_records: list[dict]) -> pd.DataFrame:
     """One row per distinct model, best validation s_multi first.
 
-    ``step_records``: iteration 0's record (the initial models) then each step's record.
+    ``step_records``: iteration 0's record (the initial models) then each iteration's record (one
+    step, or k steps proposed together).
     """
     rows, seen = [], set()
     for record in step_records:
-        entries = record["initial"] if "initial" in record else [record]
-        for entry in entries:
+        for entry in step_entries(record):
             if entry.get("status") != "done" or entry["model"] in seen or not entry.get("score"):
                 continue
             seen.add(entry["model"])

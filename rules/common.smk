@@ -5,6 +5,7 @@ import lamdagent.config
 from lamdagent.actions import ACTIONS
 from lamdagent.fileio import read_json
 from lamdagent.objects import Pool
+from lamdagent.plan import step_entries
 from lamdagent.recipe import RecipeStore, is_built_id
 
 # A bad config stops here, at parse time, before any job: one line naming the key.
@@ -161,11 +162,12 @@ def propose_inputs(wildcards):
 
 
 def update_memory_inputs(wildcards):
+    """All k models of the iteration are targets at once, so Snakemake builds them in parallel."""
     i = int(wildcards.iteration)
-    chosen = proposal(i)
+    chosen = step_entries(proposal(i))
     return {
         "proposal": f"{agent_dir(i)}/proposal.json",
-        "score": f"{RESULTS}/scores/{chosen['model']}.json",
+        "scores": [f"{RESULTS}/scores/{entry['model']}.json" for entry in chosen],
         "memory": f"{agent_dir(i - 1)}/memory.md",
         "steps": steps_upto(i - 1),
         **controller_inputs(),
