@@ -99,9 +99,10 @@ def action_space(config: dict, pool: Pool) -> dict[str, list[tuple]]:
 class Round:
     """Choice ``index`` (0-based) of the ``k`` an iteration proposes (k > 1 only).
 
-    ``chosen``: the pipelines chosen earlier in this iteration; ``taken``: per action type, the
-    combinations built before, as the object prompt shows them; ``rejected``: replies that named a
-    combination chosen already or built (counted in the step record).
+    ``chosen``: the combinations chosen earlier in this iteration; ``taken``: per action type, the
+    combinations built before; ``rejected``: replies that named a combination chosen already or
+    built (counted in the step record). Combinations are written with every object, hyper-parameters
+    included (a pipeline's text leaves them out), in the words of the candidate lists.
     """
 
     index: int
@@ -152,12 +153,13 @@ def propose_many(*, k: int, iteration: int, config: dict, pool: Pool, history: l
              for action, combos in space.items()}
     rng = seeded_rng(config["seed"], iteration, "random-controller")
     records: list[dict] = []
+    chosen: list[str] = []
     for index in range(k):
         taken = known | {r["model"] for r in records}
         remaining = {action: [c for c, mid in zip(combos, ids[action]) if mid not in taken]
                      for action, combos in space.items()}
         remaining = {action: combos for action, combos in remaining.items() if combos}
-        round_ = Round(index=index, k=k, chosen=[r["pipeline"] for r in records], taken=built)
+        round_ = Round(index=index, k=k, chosen=chosen, taken=built)
         if not remaining:
             if records:
                 break
@@ -170,6 +172,7 @@ def propose_many(*, k: int, iteration: int, config: dict, pool: Pool, history: l
                          log=log, since=first_call)
         records.append({"iteration": iteration, "index": index, **record,
                         "rejected": round_.rejected if round_ else 0})
+        chosen.append(_combo_text(action, combo, pool))
     return records
 
 

@@ -19,6 +19,8 @@ def test_default_config_is_valid_and_gets_defaults(default_config):
     assert config["training"]["batch_size"] == default_config["training"]["batch_size"]
     assert config["controller"]["retries"] == 1
     assert config["eval_tasks"][0]["weight"] == "auto"
+    assert config["proposals_per_iteration"] == 1  # the paper
+    assert load(_break(default_config, "proposals_per_iteration", 22), REPO)["proposals_per_iteration"] == 22
 
 
 def _break(config: dict, path: str, value=None, delete: bool = False) -> dict:
@@ -79,6 +81,9 @@ BAD = [
     ("training.precision", "int4", "training.precision"),
     ("generated_models_join", ["sft_dataset"], "generated_models_join[0]"),
     ("unknown_top_level", 1, "unknown key"),
+    ("proposals_per_iteration", 0, "proposals_per_iteration"),
+    ("proposals_per_iteration", 2.5, "proposals_per_iteration"),
+    ("proposals_per_iteration", 23, "proposals_per_iteration"),  # the default objects allow 22 actions
 ]
 
 
