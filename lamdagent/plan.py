@@ -64,7 +64,9 @@ def load_steps(agent_dir: str | Path, upto: int) -> tuple[dict, list[dict]]:
 
 def plan_entry(record: dict) -> dict:
     # `index` (the step's place among the iteration's k) only where k > 1: k = 1 keeps the paper's layout.
-    keys = ("iteration", *(("index",) if "index" in record else ()), "model", "action", "objects", "pipeline", "controller", "fallback", "repeat_of", "status")
+    index = ("index",) if "index" in record else ()
+    keys = ("iteration", *index, "model", "action", "objects", "pipeline", "controller", "fallback", "repeat_of",
+            "status")
     entry = {key: record.get(key) for key in keys}
     score = record.get("score")
     entry["score"] = None if not score else round(score["s_multi"], 6)
