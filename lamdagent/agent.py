@@ -2,7 +2,8 @@
 
 Each controller call is recorded (prompt, raw reply, parsed choice, tokens, latency). An unparsable
 reply is asked again ``retries`` times, then replaced by a seeded random valid choice, and the
-fallback is counted in the proposal.
+fallback is counted in the proposal. With ``proposals_per_iteration`` k > 1, :func:`propose_many`
+makes k such choices, each excluding what the iteration chose already and what was built before.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def propose_many(*, k: int, iteration: int, config: dict, pool: Pool, history: l
         remaining = {action: [c for c, mid in zip(combos, ids[action]) if mid not in taken]
                      for action, combos in space.items()}
         remaining = {action: combos for action, combos in remaining.items() if combos}
-        round_ = Round(index=index, k=k, chosen=chosen, taken=built)
+        round_ = Round(index=index, k=k, chosen=list(chosen), taken=built)
         if not remaining:
             if records:
                 break
