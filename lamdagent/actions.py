@@ -1,8 +1,10 @@
 """Action types: what each takes (its slots), which library runs it, and enumeration.
 
 An action type takes one object per slot, in order; config's ``action_types`` names the object type
-that fills each slot (``sft: [models, sft_dataset, sft_lr]``). Enumeration is the product of the
-candidate lists, minus combinations that cannot run (a merge of a model with itself).
+that fills each slot (``sft: [models, sft_dataset, sft_lr]``). Trailing ``optional`` slots (a
+hyper-parameter such as the epochs) may be left out: the value then comes from config's
+``training``/``merging`` section. Enumeration is the product of the candidate lists, minus
+combinations that cannot run (a merge of a model with itself).
 """
 
 from __future__ import annotations
@@ -11,12 +13,22 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+DATASET_KINDS = ("dataset", "preference_dataset")
+
 
 @dataclass(frozen=True)
 class Slot:
     name: str
-    kind: str  # "model" | "dataset" | "number" | "weights"
+    kind: str  # "model" | "dataset" | "preference_dataset" | "number" | "weights"
     describe: str
+    optional: bool = False  # a trailing hyper-parameter slot that config may leave to its default
+    upper: float | None = None  # numbers: the largest value allowed (inclusive)
+    integer: bool = False  # numbers: whole numbers only
+    implied: bool = False  # models: left out of the short pipeline text (a merge's base model)
+
+    @property
+    def is_dataset(self) -> bool:
+        return self.kind in DATASET_KINDS
 
 
 @dataclass(frozen=True)
@@ -26,10 +38,29 @@ class ActionSpec:
     describe: str
     slots: tuple[Slot, ...]
     library: str
+    family: str  # "train" (a trainer on a dataset) or "merge" (mergekit)
+    merge_method: str | None = None  # mergekit's merge_method name
 
     def slot_index(self, name: str) -> int:
         return [slot.name for slot in self.slots].index(name)
 
+    @property
+    def required(self) -> int:
+        return sum(not slot.optional for slot in self.slots)
+
+    def slots_for(self, n: int) -> tuple[Slot, ...]:
+        """The slots a config with ``n`` object types fills (all required ones, then optional ones)."""
+        if not self.required <= n <= len(self.slots):
+            raise ValueError(f"{self.name} takes {self.required} to {len(self.slots)} objects, got {n}")
+        return self.slots[:n]
+
+
+_EPOCHS = Slot("epochs", "number", "the number of training epochs", optional=True)
+_BASE = Slot("base_model", "model", "the base model the task vectors are taken from", implied=True)
+_A = Slot("model_a", "model", "the first model to merge")
+_B = Slot("model_b", "model", "the second model to merge")
+_WEIGHTS = Slot("weights", "weights", "the merge weights of the two models")
+_DENSITY = Slot("density", "number", "the fraction of each task vector kept", upper=1.0)
 
 ACTIONS: dict[str, ActionSpec] = {
     "sft": ActionSpec(
@@ -40,21 +71,85 @@ ACTIONS: dict[str, ActionSpec] = {
             Slot("model", "model", "the model to fine-tune"),
             Slot("dataset", "dataset", "the training dataset"),
             Slot("learning_rate", "number", "the learning rate"),
+            _EPOCHS,
         ),
         library="trl SFTTrainer",
+        family="train",
+    ),
+    "sft_lora": ActionSpec(
+        name="sft_lora",
+        short="lora",
+        describe="LoRA fine-tuning of a model on a dataset (a low-rank update, merged into the model)",
+        slots=(
+            Slot("model", "model", "the model to fine-tune"),
+            Slot("dataset", "dataset", "the training dataset"),
+            Slot("learning_rate", "number", "the learning rate"),
+            Slot("lora_rank", "number", "the LoRA rank", integer=True),
+            Slot("lora_alpha", "number", "the LoRA alpha (the update is scaled by alpha / rank)"),
+            _EPOCHS,
+        ),
+        library="trl SFTTrainer + peft LoRA (merge_and_unload)",
+        family="train",
+    ),
+    "dpo": ActionSpec(
+        name="dpo",
+        short="dpo",
+        describe="preference optimisation (DPO) of a model on pairs of a preferred and a rejected answer",
+        slots=(
+            Slot("model", "model", "the model to train (also the frozen reference)"),
+            Slot("dataset", "preference_dataset", "the preference dataset (prompt, chosen, rejected)"),
+            Slot("learning_rate", "number", "the learning rate"),
+            Slot("beta", "number", "the DPO beta (how far the model may move from the reference)"),
+            _EPOCHS,
+        ),
+        library="trl DPOTrainer",
+        family="train",
     ),
     "ties_merging": ActionSpec(
         name="ties_merging",
         short="ties",
         describe="TIES merging of two models over a base model",
-        slots=(
-            Slot("base_model", "model", "the base model the task vectors are taken from"),
-            Slot("model_a", "model", "the first model to merge"),
-            Slot("model_b", "model", "the second model to merge"),
-            Slot("weights", "weights", "the merge weights of the two models"),
-            Slot("density", "number", "the fraction of each task vector kept"),
-        ),
+        slots=(_BASE, _A, _B, _WEIGHTS, _DENSITY),
         library="mergekit (ties)",
+        family="merge",
+        merge_method="ties",
+    ),
+    "linear": ActionSpec(
+        name="linear",
+        short="linear",
+        describe="a weighted average of the weights of two models",
+        slots=(_A, _B, _WEIGHTS),
+        library="mergekit (linear)",
+        family="merge",
+        merge_method="linear",
+    ),
+    "task_arithmetic": ActionSpec(
+        name="task_arithmetic",
+        short="task_arith",
+        describe="task arithmetic: add the weighted task vectors of two models to a base model",
+        slots=(_BASE, _A, _B, _WEIGHTS),
+        library="mergekit (task_arithmetic)",
+        family="merge",
+        merge_method="task_arithmetic",
+    ),
+    "dare_ties": ActionSpec(
+        name="dare_ties",
+        short="dare_ties",
+        describe="DARE-TIES merging: randomly drop task-vector entries, rescale, then TIES over a base model",
+        slots=(_BASE, _A, _B, _WEIGHTS, _DENSITY),
+        library="mergekit (dare_ties)",
+        family="merge",
+        merge_method="dare_ties",
+    ),
+    "slerp": ActionSpec(
+        name="slerp",
+        short="slerp",
+        describe="spherical interpolation between the weights of two models",
+        slots=(_A, _B, Slot("t", "number", "the interpolation factor from the first model (0) to the second (1)",
+                            upper=1.0)),
+        library="mergekit (slerp)",
+        family="merge",
+        merge_method="slerp",
     ),
 }
 
@@ -70,10 +165,13 @@ def action_spec(name: str) -> ActionSpec:
 
 def is_valid_combination(action: str, values: tuple) -> bool:
     """Combinations that would run but mean nothing are left out of the action space."""
-    if action == "ties_merging":
-        base, model_a, model_b = values[0], values[1], values[2]
-        return model_a != model_b and base not in (model_a, model_b)
-    return True
+    spec = ACTIONS[action]
+    if spec.family != "merge":
+        return True
+    models = {slot.name: value for slot, value in zip(spec.slots, values) if slot.kind == "model"}
+    if models["model_a"] == models["model_b"]:
+        return False
+    return models.get("base_model") not in (models["model_a"], models["model_b"])
 
 
 def enumerate_actions(action_types: dict[str, list[str]], candidates: dict[str, list[Any]]) -> dict[str, list[tuple]]:

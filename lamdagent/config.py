@@ -15,7 +15,7 @@ import jsonschema
 import yaml
 
 from .actions import ACTION_PREFIXES, ACTIONS, count_actions
-from .tasks import TASKS
+from .tasks import PREFERENCE_TASKS, TASKS
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 
@@ -44,7 +44,13 @@ DEFAULTS: dict[str, Any] = {
                "prices": {"input_per_1m_tokens": 0.0, "output_per_1m_tokens": 0.0, "gpu_hour": 0.0, "cpu_hour": 0.0}},
     "resources": {
         "sft": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240},
+        "sft_lora": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240},
+        "dpo": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240},
         "ties_merging": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60},
+        "linear": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60},
+        "task_arithmetic": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60},
+        "dare_ties": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60},
+        "slerp": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60},
         "evaluate": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 120},
         "import_model": {"gpu": 0, "cpus_per_gpu": 1, "threads": 2, "mem_mb": 16000, "runtime": 60},
     },
@@ -109,7 +115,7 @@ def load(config: dict, workdir: str | Path = ".") -> dict:
 
 
 def slot_kinds(config: dict) -> dict[str, str]:
-    """Kind of every object type that fills a slot ("model", "dataset", "number", "weights")."""
+    """Kind of every object type that fills a slot ("model", "dataset", "preference_dataset", "number", "weights")."""
     kinds: dict[str, str] = {}
     for action, object_types in config["action_types"].items():
         for slot, object_type in zip(ACTIONS[action].slots, object_types):
@@ -119,6 +125,19 @@ def slot_kinds(config: dict) -> dict[str, str]:
 
 def slots_of(action: str):
     return ACTIONS[action].slots
+
+
+def slot_uses(config: dict) -> dict[str, list]:
+    """Every slot each object type fills (one type may fill several, e.g. a density for two merges)."""
+    uses: dict[str, list] = {}
+    for action, object_types in config["action_types"].items():
+        for slot, object_type in zip(ACTIONS[action].slots, object_types):
+            uses.setdefault(object_type, []).append(slot)
+    return uses
+
+
+def is_preference(spec: dict) -> bool:
+    return spec.get("kind", "sft") == "preference"
 
 
 def _value_kind(value: Any, config: dict) -> str:
@@ -132,20 +151,29 @@ def _value_kind(value: Any, config: dict) -> str:
     if isinstance(value, str) and value in config["models"]:
         return "model"
     if isinstance(value, str) and value in config["datasets"]:
-        return "dataset"
+        return "preference_dataset" if is_preference(config["datasets"][value]) else "dataset"
     return "unknown"
 
 
-def _check_value(kind: str, value: Any, key: str, config: dict) -> None:
+def _check_value(kind: str, value: Any, key: str, config: dict, slot=None) -> None:
     if kind == "model":
         if not isinstance(value, str) or value not in config["models"]:
             raise ConfigError(key, f"{value!r} is not a model defined under `models`")
-    elif kind == "dataset":
+    elif kind in ("dataset", "preference_dataset"):
         if not isinstance(value, str) or value not in config["datasets"]:
             raise ConfigError(key, f"{value!r} is not a dataset defined under `datasets`")
+        preference = is_preference(config["datasets"][value])
+        if preference != (kind == "preference_dataset"):
+            want = "a preference dataset (kind: preference)" if kind == "preference_dataset" else "an SFT dataset"
+            raise ConfigError(key, f"{value!r} is {'a preference' if preference else 'an SFT'} dataset; "
+                                   f"this slot takes {want}")
     elif kind == "number":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ConfigError(key, f"{value!r} must be a positive number")
+        if slot is not None and slot.upper is not None and value > slot.upper:
+            raise ConfigError(key, f"{value!r} is above {slot.upper:g}, the largest {slot.name} allowed")
+        if slot is not None and slot.integer and value != int(value):
+            raise ConfigError(key, f"{value!r} must be a whole number ({slot.name})")
     elif kind == "weights":
         if (not isinstance(value, list) or len(value) != 2
                 or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x <= 0 for x in value)):
@@ -157,12 +185,10 @@ def check(config: dict, workdir: Path) -> None:
     for action, object_types in config["action_types"].items():
         if action not in ACTIONS:
             raise ConfigError(f"action_types.{action}", f"unknown action type; known: {', '.join(ACTIONS)}")
-        slots = ACTIONS[action].slots
-        if len(object_types) != len(slots):
-            raise ConfigError(
-                f"action_types.{action}",
-                f"takes {len(slots)} object types ({', '.join(s.name for s in slots)}), got {len(object_types)}",
-            )
+        spec = ACTIONS[action]
+        slots = spec.slots
+        if not spec.required <= len(object_types) <= len(slots):
+            raise ConfigError(f"action_types.{action}", f"takes {_arity(spec)}, got {len(object_types)}")
         for index, (slot, object_type) in enumerate(zip(slots, object_types)):
             if object_type not in config["objects"]:
                 raise ConfigError(f"action_types.{action}[{index}]", f"unknown object type {object_type!r}")
@@ -177,6 +203,7 @@ def check(config: dict, workdir: Path) -> None:
                     f"{' and '.join(sorted(held))} values",
                 )
     kinds = slot_kinds(config)
+    uses = slot_uses(config)
 
     # Named models.
     for name, spec in config["models"].items():
@@ -200,19 +227,26 @@ def check(config: dict, workdir: Path) -> None:
     for name, spec in config["datasets"].items():
         key = f"datasets.{name}"
         source = spec["source"]
+        fields = spec.get("fields")
+        wanted = {"prompt", "chosen", "rejected"} if is_preference(spec) else {"prompt", "completion"}
+        if fields is not None and set(fields) != wanted:
+            raise ConfigError(f"{key}.fields", f"a {spec.get('kind', 'sft')} dataset maps exactly "
+                                               f"{', '.join(sorted(wanted))}; got {', '.join(sorted(fields))}")
         if source == "embedded":
             tasks = spec.get("tasks")
+            known = PREFERENCE_TASKS if is_preference(spec) else TASKS
             if not tasks:
-                raise ConfigError(f"{key}.tasks", f"missing; embedded tasks are {', '.join(TASKS)}")
+                raise ConfigError(f"{key}.tasks", f"missing; embedded tasks are {', '.join(known)}")
             for index, task in enumerate(tasks):
-                if task not in TASKS:
-                    raise ConfigError(f"{key}.tasks[{index}]", f"unknown embedded task {task!r}; known: {', '.join(TASKS)}")
+                if task not in known:
+                    what = "preference task" if is_preference(spec) else "task"
+                    raise ConfigError(f"{key}.tasks[{index}]", f"unknown embedded {what} {task!r}; known: {', '.join(known)}")
         elif source == "local":
             if "path" not in spec:
                 raise ConfigError(f"{key}.path", "missing (a JSONL or parquet file)")
             from .datasets import check_local_dataset  # noqa: PLC0415 - imports pandas only when needed
 
-            check_local_dataset(workdir / spec["path"], spec.get("fields"), key)
+            check_local_dataset(workdir / spec["path"], spec.get("fields"), key, preference=is_preference(spec))
         elif source == "hub":
             for required in ("repo", "fields"):
                 if required not in spec:
@@ -220,11 +254,10 @@ def check(config: dict, workdir: Path) -> None:
 
     # Objects.
     for object_type, values in config["objects"].items():
-        kind = kinds.get(object_type)
         seen = []
         for index, value in enumerate(values):
-            if kind is not None:
-                _check_value(kind, value, f"objects.{object_type}[{index}]", config)
+            for slot in uses.get(object_type, []):
+                _check_value(slot.kind, value, f"objects.{object_type}[{index}]", config, slot)
             if value in seen:
                 raise ConfigError(f"objects.{object_type}[{index}]", f"duplicate candidate {value!r}")
             seen.append(value)
@@ -281,14 +314,24 @@ def _check_recipe_models(config: dict, kinds: dict[str, str]) -> None:
         action = recipe["action"]
         if action not in ACTIONS:
             raise ConfigError(f"{key}.action", f"unknown action type {action!r}; known: {', '.join(ACTIONS)}")
-        slots = ACTIONS[action].slots
-        if len(recipe["objects"]) != len(slots):
-            raise ConfigError(f"{key}.objects", f"{action} takes {len(slots)} objects "
-                                                f"({', '.join(s.name for s in slots)}), got {len(recipe['objects'])}")
-        for index, (slot, value) in enumerate(zip(slots, recipe["objects"])):
-            _check_value(slot.kind, value, f"{key}.objects[{index}]", config)
+        spec = ACTIONS[action]
+        if not spec.required <= len(recipe["objects"]) <= len(spec.slots):
+            raise ConfigError(f"{key}.objects", f"{action} takes {_arity(spec)}, got {len(recipe['objects'])}")
+        for index, (slot, value) in enumerate(zip(spec.slots, recipe["objects"])):
+            _check_value(slot.kind, value, f"{key}.objects[{index}]", config, slot)
+        if spec.family == "merge":
+            from .actions import is_valid_combination  # noqa: PLC0415
+
+            if not is_valid_combination(action, tuple(recipe["objects"])):
+                raise ConfigError(f"{key}.objects", "a merge needs two different models, neither of them the base")
     for name in config["models"]:
         recipe_order(config, name)
+
+
+def _arity(spec) -> str:
+    names = ", ".join(s.name + (" (optional)" if s.optional else "") for s in spec.slots)
+    count = f"{spec.required}" if spec.required == len(spec.slots) else f"{spec.required} to {len(spec.slots)}"
+    return f"{count} object types ({names})"
 
 
 def recipe_order(config: dict, name: str, _visiting: tuple = ()) -> list[str]:

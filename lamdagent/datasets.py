@@ -1,7 +1,8 @@
 """Training datasets: an embedded generated task, a local JSONL/parquet file, or a hub dataset.
 
-Each is prepared into ``results/datasets/<name>.jsonl`` with rows ``{"prompt", "completion"}``; the
-sha256 and row count of that file enter every recipe that trains on it.
+Each is prepared into ``results/datasets/<name>.jsonl`` with rows ``{"prompt", "completion"}`` (kind
+``sft``) or ``{"prompt", "chosen", "rejected"}`` (kind ``preference``, for DPO); the sha256 and row
+count of that file enter every recipe that trains on it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from pathlib import Path
 from .fileio import read_jsonl, read_jsonl_lines, sha256_file, write_jsonl
 
 DEFAULT_FIELDS = {"prompt": "prompt", "completion": "completion"}
+PREFERENCE_FIELDS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
+
+
+def default_fields(spec: dict) -> dict:
+    return PREFERENCE_FIELDS if spec.get("kind") == "preference" else DEFAULT_FIELDS
 
 
 class DatasetError(ValueError):
@@ -51,31 +57,38 @@ def _map_rows(located_rows, fields: dict | None) -> list[dict]:
     return out
 
 
-def check_local_dataset(path: Path, fields: dict | None, key: str) -> None:
+def check_local_dataset(path: Path, fields: dict | None, key: str, *, preference: bool = False) -> None:
     """Config-time check: the file exists and every row parses and has the mapped fields."""
     from .config import ConfigError
 
     try:
-        _map_rows(_rows_from_file(Path(path)), fields)
+        _map_rows(_rows_from_file(Path(path)), fields or (PREFERENCE_FIELDS if preference else DEFAULT_FIELDS))
     except DatasetError as err:
         raise ConfigError(f"{key}.path", str(err)) from None
 
 
 def prepare(spec: dict, out_path: str | Path, *, task_train_files: list[str | Path] = ()) -> dict:
-    """Write the prompt/completion rows of one dataset and return its entry (sha256, rows)."""
+    """Write the rows of one dataset (prompt/completion, or prompt/chosen/rejected for kind
+    ``preference``) and return its entry (sha256, rows)."""
     source = spec["source"]
+    fields = spec.get("fields") or default_fields(spec)
     if source == "embedded":
+        if spec.get("kind") == "preference":
+            from .tasks import preference_rows
+
+            per_task = [preference_rows(read_jsonl(path)) for path in task_train_files]
+        else:
+            per_task = [[{"prompt": r["prompt"], "completion": r["completion"]} for r in read_jsonl(path)]
+                        for path in task_train_files]
         # Interleaved task by task, so that `max_examples` keeps the mix of a multi-task dataset.
-        per_task = [[{"prompt": r["prompt"], "completion": r["completion"]} for r in read_jsonl(path)]
-                    for path in task_train_files]
         rows = [row for group in itertools.zip_longest(*per_task) for row in group if row is not None]
     elif source == "local":
-        rows = _map_rows(_rows_from_file(Path(spec["path"])), spec.get("fields"))
+        rows = _map_rows(_rows_from_file(Path(spec["path"])), fields)
     elif source == "hub":
         from datasets import load_dataset
 
         hub = load_dataset(spec["repo"], spec.get("name"), split=spec.get("split", "train"), revision=spec.get("revision"))
-        rows = _map_rows(((f"{spec['repo']} row {i}", dict(row)) for i, row in enumerate(hub)), spec["fields"])
+        rows = _map_rows(((f"{spec['repo']} row {i}", dict(row)) for i, row in enumerate(hub)), fields)
     else:
         raise DatasetError(f"unknown dataset source {source!r}")
     if spec.get("max_examples"):

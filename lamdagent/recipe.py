@@ -25,6 +25,25 @@ def is_built_id(model: str) -> bool:
     return any(model.startswith(f"{action}-") for action in ACTIONS)
 
 
+# The mergekit settings each method takes from config's `merging` (task_arithmetic and slerp have no
+# `normalize`: task arithmetic adds the weighted task vectors as they are, slerp interpolates).
+MERGE_SETTINGS = {"ties": ("dtype", "normalize"), "dare_ties": ("dtype", "normalize"), "linear": ("dtype", "normalize"),
+                  "task_arithmetic": ("dtype",), "slerp": ("dtype",)}
+# LoRA settings that are not objects: fixed, and recorded in the recipe so that changing them changes the id.
+LORA_FIXED = {"lora_dropout": 0.0, "lora_target_modules": "all-linear"}
+
+
+def action_settings(action: str, *, training: dict, merging: dict) -> dict:
+    """The config-wide parameters of one action type, as they enter its recipe."""
+    spec = action_spec(action)
+    if spec.family == "merge":
+        return {key: merging[key] for key in MERGE_SETTINGS[spec.merge_method]}
+    settings = {key: training[key] for key in sorted(training)}
+    if action == "sft_lora":
+        settings.update(LORA_FIXED)
+    return settings
+
+
 def make_recipe(action: str, values: tuple | list, *, datasets: dict[str, dict], training: dict, merging: dict,
                 seed: int) -> dict:
     """Turn a chosen (action, objects) into the recipe that is hashed.
@@ -33,22 +52,22 @@ def make_recipe(action: str, values: tuple | list, *, datasets: dict[str, dict],
     here to their content hash and size, so changing a dataset changes every id built on it).
     """
     spec = action_spec(action)
+    values = list(values)
+    # Config-wide settings first; a slot (e.g. an `epochs` object) overrides the default of the same name.
+    params: dict[str, Any] = dict(action_settings(action, training=training, merging=merging))
     inputs: dict[str, Any] = {}
-    params: dict[str, Any] = {}
-    for slot, value in zip(spec.slots, values, strict=True):
+    for slot, value in zip(spec.slots_for(len(values)), values, strict=True):
         if slot.kind == "model":
             inputs[slot.name] = value
-        elif slot.kind == "dataset":
+        elif slot.is_dataset:
             entry = datasets[value]
             inputs[slot.name] = {"name": value, "sha256": entry["sha256"], "rows": entry["rows"]}
         elif slot.kind == "weights":
             params[slot.name] = [float(x) for x in value]
+        elif slot.integer:
+            params[slot.name] = int(value)
         else:
             params[slot.name] = float(value)
-    if action == "sft":
-        params.update({key: training[key] for key in sorted(training)})
-    elif action == "ties_merging":
-        params.update({key: merging[key] for key in sorted(merging)})
     return {"action": action, "inputs": inputs, "params": params, "seed": seed}
 
 
@@ -97,12 +116,12 @@ def pipeline_text(model: str, store: RecipeStore, labels: dict[str, str], *, ful
     parts = []
     for slot in spec.slots:
         if slot.kind == "model":
-            if recipe["action"] == "ties_merging" and slot.name == "base_model" and not full:
+            if slot.implied and not full:
                 continue  # the base is implied in the short form, as in the paper's figures
             parts.append(pipeline_text(recipe["inputs"][slot.name], store, labels, full=full))
-        elif slot.kind == "dataset":
+        elif slot.is_dataset:
             parts.append(recipe["inputs"][slot.name]["name"])
-        elif full:
+        elif full and slot.name in recipe["params"]:
             parts.append(f"{slot.name}={recipe['params'][slot.name]}")
     text = f"{spec.short}({', '.join(parts)})"
     if full and model in labels:

@@ -19,6 +19,8 @@ from typing import Callable
 from .fileio import write_jsonl
 
 TASKS = ("arith", "choice", "context")
+# Tasks with a generated wrong answer, for preference data (DPO): the right completion is chosen.
+PREFERENCE_TASKS = ("arith", "choice")
 SPLITS = ("train", "val", "test", "ood")
 
 # Buckets of sha256(prompt) % 10 owned by each in-distribution split.
@@ -252,6 +254,29 @@ def generate(task: str, split: str, n: int, seed: int) -> list[dict]:
             "answer": answer,
         })
     return records
+
+
+def rejected_completion(row: dict) -> str:
+    """A plausible wrong completion for a generated ``row``: the same worked solution ending in a
+    near-miss number (arith), or another letter (choice). A pure function of the row's prompt."""
+    rng = random.Random(f"rejected:{row['prompt']}")
+    if row["task"] == "arith":
+        answer = int(row["answer"])
+        wrong = rng.choice([n for n in range(answer - 3, answer + 4) if n != answer and n >= 0])
+        # The last step's result and the final answer both carry the slip, as in a real arithmetic error.
+        solution, _ = row["completion"].rsplit(f" The answer is {answer}.", 1)
+        head, sep, _ = solution.rpartition(f"= {answer}")
+        solution = f"{head}{sep.replace(str(answer), str(wrong))}{solution[len(head) + len(sep):]}" if sep else solution
+        return f"{solution} The answer is {wrong}."
+    if row["task"] == "choice":
+        letters = [line[0] for line in row["prompt"].splitlines() if line[:2] in {f"{x}." for x in _LETTERS}]
+        return f"[[{rng.choice([x for x in letters if x != row['answer']])}]]"
+    raise ValueError(f"no preference data for task {row['task']!r}; tasks with it: {', '.join(PREFERENCE_TASKS)}")
+
+
+def preference_rows(rows: list[dict]) -> list[dict]:
+    """``{prompt, chosen, rejected}`` pairs from generated rows: the right completion over a wrong one."""
+    return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": rejected_completion(r)} for r in rows]
 
 
 def write_splits(task: str, out_dir, sizes: dict[str, int], seed: int) -> dict[str, Path]:

@@ -130,3 +130,78 @@ def test_stale_gguf_quantization_config_is_dropped(tiny_model_dir, tuned_dir, tm
     info = ties_merge(base, [tuned_dir], [1.0], 1.0, tmp_path / "m")
     assert info["stripped_gguf_quantization_config"]
     assert "quantization_config" not in read_json(tmp_path / "m" / "config.json")
+
+
+# ---- the other mergekit methods ----------------------------------------------------------------
+
+from lamdagent.fileio import sha256_file  # noqa: E402
+from lamdagent.merge import build_merge_config, merge  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def other_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A second fine-tune: base + a task vector independent of ``task_vector``."""
+    gen = torch.Generator().manual_seed(2)
+    delta = {k: 0.01 * torch.randn(v.shape, generator=gen) for k, v in _weights(tiny_model_dir).items()}
+    return _variant(tiny_model_dir, tmp_path_factory.mktemp("other") / "m", delta)
+
+
+def test_linear_is_the_weighted_average(tuned_dir, other_dir, tmp_path):
+    a, b = _weights(tuned_dir), _weights(other_dir)
+    info = merge("linear", None, [tuned_dir, other_dir], tmp_path / "m", weights=[0.25, 0.75], normalize=True)
+    _assert_weights(tmp_path / "m", {k: 0.25 * a[k] + 0.75 * b[k] for k in a})
+    assert info["method"] == "linear" and not info["randomized"]
+    cfg = yaml.safe_load((tmp_path / "m" / "mergekit_config.yml").read_text())
+    assert "base_model" not in cfg and cfg["parameters"] == {"normalize": True}
+
+
+def test_task_arithmetic_adds_the_weighted_task_vectors(tiny_model_dir, tuned_dir, other_dir, tmp_path):
+    base, a, b = _weights(tiny_model_dir), _weights(tuned_dir), _weights(other_dir)
+    merge("task_arithmetic", tiny_model_dir, [tuned_dir, other_dir], tmp_path / "m", weights=[1.0, 0.5])
+    # Not divided by the weights' sum: task arithmetic scales each task vector by its weight.
+    _assert_weights(tmp_path / "m", {k: base[k] + 1.0 * (a[k] - base[k]) + 0.5 * (b[k] - base[k]) for k in base})
+
+
+def test_slerp_interpolates_between_the_two_models(tuned_dir, other_dir, tmp_path):
+    a, b = _weights(tuned_dir), _weights(other_dir)
+    name = "model.layers.0.mlp.up_proj.weight"
+    merge("slerp", None, [tuned_dir, other_dir], tmp_path / "m", t=0.3)
+    merged = _weights(tmp_path / "m")[name]
+    # Between the two (closer to the first at t = 0.3), and not the straight line in general.
+    assert (merged - a[name]).norm() < (merged - b[name]).norm()
+    assert not torch.allclose(merged, 0.7 * a[name] + 0.3 * b[name], atol=1e-7)
+    cfg = yaml.safe_load((tmp_path / "m" / "mergekit_config.yml").read_text())
+    assert cfg["base_model"] == str(Path(tuned_dir).resolve()) and cfg["parameters"] == {"t": 0.3}
+
+
+def test_dare_ties_is_random_but_seeded(tiny_model_dir, tuned_dir, task_vector, tmp_path):
+    """DARE drops entries at random and rescales the kept ones: the seed fixes the mask."""
+    base = _weights(tiny_model_dir)
+    kwargs = dict(weights=[1.0], density=0.5, normalize=False)
+    info = merge("dare_ties", tiny_model_dir, [tuned_dir], tmp_path / "s1", seed=1, **kwargs)
+    merge("dare_ties", tiny_model_dir, [tuned_dir], tmp_path / "s1-again", seed=1, **kwargs)
+    merge("dare_ties", tiny_model_dir, [tuned_dir], tmp_path / "s2", seed=2, **kwargs)
+    assert info["randomized"] and info["seed"] == 1
+    digest = {d: sha256_file(tmp_path / d / "model.safetensors") for d in ("s1", "s1-again", "s2")}
+    assert digest["s1"] == digest["s1-again"] != digest["s2"]
+    name = "model.layers.0.mlp.up_proj.weight"
+    delta = _weights(tmp_path / "s1")[name] - base[name]
+    kept = delta.abs() > 1e-7
+    assert 0.4 < kept.float().mean().item() < 0.6
+    # The kept entries are rescaled so the delta keeps its L1 norm: about 1 / density, the same for all.
+    ratio = delta[kept] / task_vector[name][kept]
+    assert torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-4) and 1.7 < ratio.mean().item() < 2.3
+    assert torch.allclose(delta.abs().sum(), task_vector[name].abs().sum(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("method, kwargs, match", [
+    ("slerp", dict(t=1.5), "t must be"),
+    ("slerp", dict(t=0.5, extra=True), "exactly 2"),
+    ("dare_ties", dict(weights=[1.0, 1.0], density=0.0), "density"),
+    ("linear", dict(weights=[1.0]), "2 models"),
+    ("bogus", dict(), "unknown merge method"),
+])
+def test_invalid_merge_arguments(tiny_model_dir, tuned_dir, other_dir, tmp_path, method, kwargs, match):
+    dirs = [tuned_dir, other_dir] + ([tiny_model_dir] if kwargs.pop("extra", False) else [])
+    with pytest.raises(ValueError, match=match):
+        build_merge_config(method, tiny_model_dir, dirs, **kwargs)
