@@ -1,13 +1,16 @@
-"""Supervised fine-tuning (the SFT action) with trl's ``SFTTrainer``.
+"""The training actions with trl: SFT (``SFTTrainer``, full or LoRA with peft) and DPO (``DPOTrainer``).
 
-The model is trained on conversational prompt-completion pairs: trl applies the tokenizer's chat
-template and puts the loss on the assistant completion only. The result is a plain HF directory
+SFT trains on conversational prompt-completion pairs: trl applies the tokenizer's chat template and
+puts the loss on the assistant completion only. With ``lora_rank`` only a peft LoRA adapter is
+trained; it is merged into the weights (``merge_and_unload``) so the output is a full model like any
+other, and the adapter is kept in ``adapter/``. DPO trains on conversational (prompt, chosen,
+rejected) triples against a frozen copy of the starting model. The result is a plain HF directory
 (model, tokenizer, chat template, ``training_log.json``) written atomically by the main process.
 
-Run in-process by calling :func:`sft`, or on several GPUs through the module entry point that
-``lamdagent.launch.distributed_command`` builds::
+Run in-process by calling :func:`sft` or :func:`dpo`, or on several GPUs through the module entry
+point that ``lamdagent.launch.distributed_command`` builds::
 
-    torchrun --standalone --nproc_per_node=4 -m lamdagent.train --args-json sft_args.json
+    torchrun --standalone --nproc_per_node=4 -m lamdagent.train --args-json sft_args.json [--method dpo]
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_directory, atomic_write_json, read_jsonl
+from .fileio import atomic_directory, atomic_write_json, read_jsonl, read_jsonl_lines
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ADAPTER_DIR = "adapter"
 
 
 class TrainingDiverged(RuntimeError):
@@ -54,6 +58,27 @@ def load_prompt_completion(dataset_path: str | os.PathLike) -> list[dict]:
             "prompt": [{"role": "user", "content": row["prompt"]}],
             "completion": [{"role": "assistant", "content": row["completion"]}],
         })
+    return examples
+
+
+def load_preference(dataset_path: str | os.PathLike) -> list[dict]:
+    """Read ``{"prompt", "chosen", "rejected"}`` rows as trl's conversational preference rows."""
+    path = Path(dataset_path)
+    examples = []
+    for line_no, row in read_jsonl_lines(path):
+        for key in ("prompt", "chosen", "rejected"):
+            value = row.get(key)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{path}:{line_no}: '{key}' must be a non-empty string, got {value!r}")
+        if row["chosen"] == row["rejected"]:
+            raise ValueError(f"{path}:{line_no}: 'chosen' and 'rejected' are the same answer")
+        examples.append({
+            "prompt": [{"role": "user", "content": row["prompt"]}],
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}],
+        })
+    if not examples:
+        raise ValueError(f"{path}: no preference rows")
     return examples
 
 
@@ -123,96 +148,77 @@ def _make_callbacks(log_path: str | os.PathLike | None):
     return callbacks
 
 
-def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float = 1, batch_size: int = 8,
-        gradient_accumulation_steps: int = 1, max_length: int = 512, seed: int = 42, precision: str = "auto",
-        lr_scheduler_type: str = "linear", warmup_ratio: float = 0.0, log_path=None) -> dict:
-    """Fine-tune ``model_dir`` on ``dataset_path`` and write the model to ``out_dir``.
-
-    ``batch_size`` is per device; the effective batch is batch_size x gradient_accumulation_steps x
-    number of processes. Returns train_loss, steps, train_runtime_s, tokens_seen, tokens_per_s.
-    """
+def _check_hyperparameters(learning_rate, epochs, batch_size, gradient_accumulation_steps, max_length,
+                           warmup_ratio, **extra) -> None:
+    bad = {name: value for name, value in extra.items() if value is not None and value <= 0}
     if (learning_rate <= 0 or epochs <= 0 or batch_size < 1 or gradient_accumulation_steps < 1 or max_length < 2
-            or not 0 <= warmup_ratio < 1):
+            or not 0 <= warmup_ratio < 1 or bad):
         raise ValueError(
-            f"invalid SFT hyperparameters: learning_rate={learning_rate}, epochs={epochs}, "
+            f"invalid training hyperparameters: learning_rate={learning_rate}, epochs={epochs}, "
             f"batch_size={batch_size}, gradient_accumulation_steps={gradient_accumulation_steps}, "
             f"max_length={max_length}, warmup_ratio={warmup_ratio}"
+            + "".join(f", {name}={value}" for name, value in extra.items())
         )
-    examples = load_prompt_completion(dataset_path)  # fail on bad data before loading a model
-    mode = resolve_precision(precision)
 
+
+def _common_args(scratch_root: str, mode: str, *, learning_rate, epochs, batch_size, gradient_accumulation_steps,
+                 max_length, seed, lr_scheduler_type, warmup_ratio) -> dict:
+    """The trainer settings SFT and DPO share (trl's SFTConfig and DPOConfig both take them)."""
     import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # fp32 master weights in every mode: bf16/fp16 are autocast (mixed) precision.
-    model = load_causal_lm(model_dir, torch.float32)
-    if log_path is not None and _is_main_process() and Path(log_path).exists():
-        Path(log_path).unlink()  # a retried job starts a fresh log
+    return dict(
+        output_dir=scratch_root,
+        learning_rate=learning_rate,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        lr_scheduler_type=lr_scheduler_type,
+        # transformers 5 dropped warmup_ratio: a float warmup_steps in [0, 1) is the ratio.
+        warmup_steps=float(warmup_ratio),
+        max_length=max_length,
+        seed=seed,
+        data_seed=seed,
+        # trl's configs default bf16 to True and gradient checkpointing on: both are set explicitly.
+        bf16=mode == "bf16",
+        fp16=mode == "fp16",
+        # trl defaults gradient checkpointing on; models here are small, so it would only cost time.
+        activation_checkpointing=False,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_strategy="steps",
+        logging_steps=1,
+        # The default filter replaces a NaN/inf step loss by the running mean, which would hide
+        # divergence from the DivergenceGuard.
+        logging_nan_inf_filter=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=True,
+        ddp_find_unused_parameters=False,
+    )
 
-    # Trainer insists on an output_dir; with save_strategy "no" and report_to "none" nothing is
-    # written there, and it is never out_dir so a crash cannot leave a partial model behind.
-    scratch_root = tempfile.mkdtemp(prefix="lamdagent-sft-")
-    try:
-        config = SFTConfig(
-            output_dir=scratch_root,
-            learning_rate=learning_rate,
-            num_train_epochs=epochs,
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            lr_scheduler_type=lr_scheduler_type,
-            # transformers 5 dropped warmup_ratio: a float warmup_steps in [0, 1) is the ratio.
-            warmup_steps=float(warmup_ratio),
-            max_length=max_length,
-            seed=seed,
-            data_seed=seed,
-            # SFTConfig defaults bf16 to True and gradient checkpointing on: both are set explicitly.
-            bf16=mode == "bf16",
-            fp16=mode == "fp16",
-            # trl defaults gradient checkpointing on; models here are small, so it would only cost time.
-            activation_checkpointing=False,
-            completion_only_loss=True,
-            packing=False,
-            save_strategy="no",
-            eval_strategy="no",
-            report_to="none",
-            logging_strategy="steps",
-            logging_steps=1,
-            # The default filter replaces a NaN/inf step loss by the running mean, which would hide
-            # divergence from the DivergenceGuard.
-            logging_nan_inf_filter=False,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            disable_tqdm=True,
-            ddp_find_unused_parameters=False,
-        )
-        trainer = SFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=Dataset.from_list(examples),
-            processing_class=tokenizer,
-            callbacks=_make_callbacks(log_path),
-        )
-        result = trainer.train()
-        history = list(trainer.state.log_history)
-        steps = trainer.state.global_step
-        accelerator = trainer.accelerator
 
-        if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(trainer.model)
-            with atomic_directory(out_dir) as scratch:
-                unwrapped.save_pretrained(scratch)
-                tokenizer.save_pretrained(scratch)
-                atomic_write_json(scratch / "training_log.json", history)
-        # Other ranks return only once out_dir is complete, so a caller never sees a partial model.
-        accelerator.wait_for_everyone()
-    finally:
-        shutil.rmtree(scratch_root, ignore_errors=True)
+def _train_and_save(trainer, tokenizer, out_dir, *, lora: bool) -> tuple:
+    """Train, then write the model (LoRA: merged into the weights, the adapter in ``adapter/``)."""
+    result = trainer.train()
+    history = list(trainer.state.log_history)
+    steps = trainer.state.global_step
+    accelerator = trainer.accelerator
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(trainer.model)
+        with atomic_directory(out_dir) as scratch:
+            if lora:
+                unwrapped.save_pretrained(scratch / ADAPTER_DIR)  # adapter_config.json + adapter weights
+                unwrapped = unwrapped.merge_and_unload()
+            unwrapped.save_pretrained(scratch)
+            tokenizer.save_pretrained(scratch)
+            atomic_write_json(scratch / "training_log.json", history)
+    # Other ranks return only once out_dir is complete, so a caller never sees a partial model.
+    accelerator.wait_for_everyone()
+    return result, history, steps
 
+
+def _metrics(result, history, steps, mode, examples) -> dict:
     runtime = float(result.metrics.get("train_runtime", 0.0))
     tokens = next((rec["num_tokens"] for rec in reversed(history) if "num_tokens" in rec), None)
     return {
@@ -226,17 +232,137 @@ def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float
     }
 
 
+def _load_for_training(model_dir, log_path):
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # fp32 master weights in every mode: bf16/fp16 are autocast (mixed) precision.
+    model = load_causal_lm(model_dir, torch.float32)
+    if log_path is not None and _is_main_process() and Path(log_path).exists():
+        Path(log_path).unlink()  # a retried job starts a fresh log
+    return tokenizer, model
+
+
+def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float = 1, batch_size: int = 8,
+        gradient_accumulation_steps: int = 1, max_length: int = 512, seed: int = 42, precision: str = "auto",
+        lr_scheduler_type: str = "linear", warmup_ratio: float = 0.0, log_path=None, lora_rank: int | None = None,
+        lora_alpha: float | None = None, lora_dropout: float = 0.0, lora_target_modules="all-linear") -> dict:
+    """Fine-tune ``model_dir`` on ``dataset_path`` and write the model to ``out_dir``.
+
+    ``batch_size`` is per device; the effective batch is batch_size x gradient_accumulation_steps x
+    number of processes. ``lora_rank`` (with ``lora_alpha``) trains a peft LoRA adapter instead of
+    every weight. Returns train_loss, steps, train_runtime_s, tokens_seen, tokens_per_s.
+    """
+    lora = lora_rank is not None
+    _check_hyperparameters(learning_rate, epochs, batch_size, gradient_accumulation_steps, max_length, warmup_ratio,
+                           **({"lora_rank": lora_rank, "lora_alpha": lora_alpha or 0} if lora else {}))
+    examples = load_prompt_completion(dataset_path)  # fail on bad data before loading a model
+    mode = resolve_precision(precision)
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer, model = _load_for_training(model_dir, log_path)
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=int(lora_rank), lora_alpha=float(lora_alpha), lora_dropout=float(lora_dropout),
+                                 target_modules=lora_target_modules, bias="none", task_type="CAUSAL_LM")
+    # Trainer insists on an output_dir; with save_strategy "no" and report_to "none" nothing is
+    # written there, and it is never out_dir so a crash cannot leave a partial model behind.
+    scratch_root = tempfile.mkdtemp(prefix="lamdagent-sft-")
+    try:
+        config = SFTConfig(
+            **_common_args(scratch_root, mode, learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
+                           gradient_accumulation_steps=gradient_accumulation_steps, max_length=max_length, seed=seed,
+                           lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio),
+            completion_only_loss=True,
+            packing=False,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(examples),
+            processing_class=tokenizer,
+            callbacks=_make_callbacks(log_path),
+            peft_config=peft_config,
+        )
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        result, history, steps = _train_and_save(trainer, tokenizer, out_dir, lora=lora)
+    finally:
+        shutil.rmtree(scratch_root, ignore_errors=True)
+    metrics = _metrics(result, history, steps, mode, examples)
+    metrics["trainable_params"] = trainable
+    return metrics
+
+
+def dpo(model_dir, dataset_path, out_dir, *, learning_rate: float, beta: float, epochs: float = 1,
+        batch_size: int = 8, gradient_accumulation_steps: int = 1, max_length: int = 512, seed: int = 42,
+        precision: str = "auto", lr_scheduler_type: str = "linear", warmup_ratio: float = 0.0, log_path=None) -> dict:
+    """DPO of ``model_dir`` on the preference pairs of ``dataset_path``; writes the model to ``out_dir``.
+
+    The reference is a frozen copy of ``model_dir``; ``beta`` weighs the implicit KL penalty.
+    Returns the sft() metrics plus the final reward accuracy and margin.
+    """
+    _check_hyperparameters(learning_rate, epochs, batch_size, gradient_accumulation_steps, max_length, warmup_ratio,
+                           beta=beta)
+    examples = load_preference(dataset_path)  # fail on bad data before loading a model
+    mode = resolve_precision(precision)
+
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer, model = _load_for_training(model_dir, log_path)
+    # Passed explicitly: trl would otherwise reload it from config._name_or_path, without
+    # load_causal_lm's tolerance of a stale gguf quantization_config.
+    reference = load_causal_lm(model_dir, torch.float32)
+    scratch_root = tempfile.mkdtemp(prefix="lamdagent-dpo-")
+    try:
+        config = DPOConfig(
+            **_common_args(scratch_root, mode, learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
+                           gradient_accumulation_steps=gradient_accumulation_steps, max_length=max_length, seed=seed,
+                           lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio),
+            beta=float(beta),
+        )
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=reference,
+            args=config,
+            train_dataset=Dataset.from_list(examples),
+            processing_class=tokenizer,
+            callbacks=_make_callbacks(log_path),
+        )
+        result, history, steps = _train_and_save(trainer, tokenizer, out_dir, lora=False)
+    finally:
+        shutil.rmtree(scratch_root, ignore_errors=True)
+    metrics = _metrics(result, history, steps, mode, examples)
+    last = next((rec for rec in reversed(history) if "loss" in rec), {})
+    for key in ("rewards/accuracies", "rewards/margins"):
+        if key in last:
+            metrics[key.replace("/", "_")] = float(last[key])
+    return metrics
+
+
+TRAINERS = {"sft": sft, "dpo": dpo}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m lamdagent.train`` (and of torchrun/accelerate launches)."""
     parser = argparse.ArgumentParser(prog="python -m lamdagent.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--args-json", required=True, help="JSON object of sft() keyword arguments")
+    parser.add_argument("--args-json", required=True, help="JSON object of the trainer's keyword arguments")
+    parser.add_argument("--method", choices=sorted(TRAINERS), default="sft", help="sft (also LoRA) or dpo")
     parser.add_argument("--metrics-json", help="where the main process writes the returned metrics")
     ns = parser.parse_args(argv)
     kwargs: dict[str, Any] = json.loads(Path(ns.args_json).read_text(encoding="utf-8"))
     if not isinstance(kwargs, dict):
-        raise SystemExit(f"{ns.args_json}: expected a JSON object of sft() keyword arguments")
+        raise SystemExit(f"{ns.args_json}: expected a JSON object of {ns.method}() keyword arguments")
     started = time.time()
-    metrics = sft(**kwargs)
+    metrics = TRAINERS[ns.method](**kwargs)
     metrics["wall_s"] = time.time() - started
     if _is_main_process():
         if ns.metrics_json:

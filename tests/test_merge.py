@@ -188,9 +188,9 @@ def test_dare_ties_is_random_but_seeded(tiny_model_dir, tuned_dir, task_vector, 
     delta = _weights(tmp_path / "s1")[name] - base[name]
     kept = delta.abs() > 1e-7
     assert 0.4 < kept.float().mean().item() < 0.6
-    # The kept entries are rescaled so the delta keeps its L1 norm: about 1 / density, the same for all.
+    # The kept entries are rescaled, all by the same factor, so that the delta keeps its L1 norm.
     ratio = delta[kept] / task_vector[name][kept]
-    assert torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-4) and 1.7 < ratio.mean().item() < 2.3
+    assert torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-4) and ratio.mean().item() > 1.2
     assert torch.allclose(delta.abs().sum(), task_vector[name].abs().sum(), rtol=1e-4)
 
 

@@ -145,3 +145,71 @@ def test_module_entry_point_matches_in_process_run(tiny_model_dir, dataset, tmp_
 
     sft(**{**kwargs, "out_dir": str(tmp_path / "inproc")})
     assert sha256_file(tmp_path / "sub" / "model.safetensors") == sha256_file(tmp_path / "inproc" / "model.safetensors")
+
+
+# ---- LoRA and DPO -------------------------------------------------------------------------------
+
+from lamdagent.train import ADAPTER_DIR, dpo, load_preference  # noqa: E402
+
+
+def test_sft_lora_writes_a_merged_model_and_keeps_the_adapter(tiny_model_dir, dataset, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(learning_rate=5e-3, epochs=1, batch_size=4, max_length=64, seed=7, lora_rank=4, lora_alpha=8)
+    metrics = sft(tiny_model_dir, dataset, tmp_path / "a", **kwargs)
+    sft(tiny_model_dir, dataset, tmp_path / "b", **kwargs)
+    assert metrics["steps"] == 2 and 0 < metrics["trainable_params"]
+    assert sha256_file(tmp_path / "a" / "model.safetensors") == sha256_file(tmp_path / "b" / "model.safetensors")
+
+    adapter = read_json(tmp_path / "a" / ADAPTER_DIR / "adapter_config.json")
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "a")  # a plain model: no peft needed to load it
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    # LoRA changes the adapted projections only; the embeddings stay the base's.
+    assert not torch.equal(merged.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    # The kept adapter on the base gives the merged model's outputs.
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                             tmp_path / "a" / ADAPTER_DIR)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(with_adapter(ids).logits, merged(ids).logits, atol=1e-4)
+
+
+@pytest.fixture()
+def preferences(tmp_path) -> Path:
+    path = tmp_path / "pref.jsonl"
+    write_jsonl(path, [{"prompt": f"What is {a} plus {a}?", "chosen": f"{2 * a}", "rejected": f"{2 * a + 1}"}
+                       for a in range(8)])
+    return path
+
+
+def test_dpo_prefers_the_chosen_answers_and_is_deterministic(tiny_model_dir, preferences, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(learning_rate=5e-3, beta=0.1, epochs=2, batch_size=4, max_length=64, seed=3)
+    metrics = dpo(tiny_model_dir, preferences, tmp_path / "a", **kwargs)
+    dpo(tiny_model_dir, preferences, tmp_path / "b", **kwargs)
+    assert metrics["steps"] == 4 and metrics["precision"] == "fp32"
+    assert sha256_file(tmp_path / "a" / "model.safetensors") == sha256_file(tmp_path / "b" / "model.safetensors")
+    log = read_json(tmp_path / "a" / "training_log.json")
+    losses = [rec["loss"] for rec in log if "loss" in rec]
+    # DPO's loss starts at log 2 (policy = reference) and falls as the chosen answers gain margin.
+    assert abs(losses[0] - 0.6931) < 1e-3 and losses[-1] < losses[0]
+    assert metrics["rewards_margins"] > 0
+    AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+
+
+def test_preference_rows_are_checked(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: 'rejected'"):
+        load_preference(path)
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n')
+    with pytest.raises(ValueError, match="same answer"):
+        load_preference(path)
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    assert load_preference(path)[0]["rejected"] == [{"role": "assistant", "content": "c"}]
