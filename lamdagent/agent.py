@@ -89,11 +89,23 @@ def seeded_rng(seed: int, iteration: int, purpose: str) -> random.Random:
     return random.Random(f"{seed}:{iteration}:{purpose}")
 
 
-def action_space(config: dict, pool: Pool) -> dict[str, list[tuple]]:
+def action_space(config: dict, pool: Pool, iteration: int | None = None) -> dict[str, list[tuple]]:
     space = {a: combos for a, combos in enumerate_actions(config["action_types"], pool.candidates).items() if combos}
     if not space:
         raise RuntimeError("the action space is empty: every action type lacks a valid combination of objects")
+    forced = forced_action(config, iteration) if iteration is not None else None
+    if forced is not None:  # config's forced_actions: this iteration's action type is fixed, its objects are not
+        if forced not in space:
+            raise RuntimeError(f"forced_actions[{iteration - 1}]: {forced!r} has no valid combination of objects "
+                               f"in iteration {iteration}")
+        space = {forced: space[forced]}
     return space
+
+
+def forced_action(config: dict, iteration: int) -> str | None:
+    """The action type config's ``forced_actions`` fixes for ``iteration`` (1-based), or None."""
+    forced = config.get("forced_actions") or []
+    return forced[iteration - 1] if iteration - 1 < len(forced) else None
 
 
 @dataclass
@@ -124,7 +136,7 @@ class Round:
 def propose(*, iteration: int, config: dict, pool: Pool, history: list[dict], memory: str, controller,
             store: RecipeStore, log: CallLog) -> dict:
     """Choose the next step and return its proposal record (recipe saved to ``store``): the paper's k = 1."""
-    space = action_space(config, pool)
+    space = action_space(config, pool, iteration)
     rng = seeded_rng(config["seed"], iteration, "random-controller")
     action, combo, fallback = _choose(space, iteration=iteration, config=config, pool=pool, history=history,
                                       memory=memory, controller=controller, log=log, rng=rng, round_=None)
@@ -145,7 +157,7 @@ def propose_many(*, k: int, iteration: int, config: dict, pool: Pool, history: l
     if k == 1:
         return [propose(iteration=iteration, config=config, pool=pool, history=history, memory=memory,
                         controller=controller, store=store, log=log)]
-    space = action_space(config, pool)
+    space = action_space(config, pool, iteration)
     ids = {action: [model_id(recipe_for(config, pool.datasets, action, combo)) for combo in combos]
            for action, combos in space.items()}
     known = {entry["model"] for entry in history}
@@ -200,6 +212,7 @@ def _record(iteration, action, combo, fallback, *, config, pool, history, store,
         "recipe": recipe,
         "repeat_of": repeat_of,
         "controller": config["controller"]["type"],
+        "forced_action": forced_action(config, iteration) is not None,
         "fallback": fallback,
         "calls": log.totals(since),
     }
@@ -212,6 +225,11 @@ def _choose(space, *, iteration, config, pool, history, memory, controller, log,
     if controller is None:  # random controller: uniform over all enumerated actions
         flat = [(action, combo) for action in action_types for combo in space[action]]
         action, combo = rng.choice(flat)
+        return action, combo, fallback
+    if forced_action(config, iteration) is not None:  # the type is fixed by config: only the objects are asked
+        action = action_types[0]
+        combo = _select_objects(action, config, pool, space[action], memory, controller, log, fallback, iteration,
+                                round_)
         return action, combo, fallback
     settings = config["controller"]
     prompt = prompts.type_selection(eval_tasks=config["eval_tasks"], memory=memory, history=history,
@@ -249,7 +267,8 @@ def _select_objects(action, config, pool, combos, memory, controller, log, fallb
     if not open_slots:
         return tuple(combos[0])
     slots = [(specs[i].describe, [pool.label(v) for v in candidate_lists[i]]) for i in open_slots]
-    fixed = [(specs[i].describe, pool.label(candidate_lists[i][0])) for i in range(len(specs)) if i not in open_slots]
+    fixed = [(specs[i].describe, pool.label(candidate_lists[i][0])) for i in range(len(candidate_lists))
+             if i not in open_slots]
     prompt = prompts.object_selection(action=action, slots=slots, memory=memory, fixed=fixed,
                                       parallel=round_.note(action) if round_ else None)
 

@@ -204,6 +204,9 @@ def check(config: dict, workdir: Path) -> None:
                 )
     kinds = slot_kinds(config)
     uses = slot_uses(config)
+    for index, action in enumerate(config.get("forced_actions") or []):
+        if action is not None and action not in config["action_types"]:
+            raise ConfigError(f"forced_actions[{index}]", f"{action!r} is not an action type under `action_types`")
 
     # Named models.
     for name, spec in config["models"].items():

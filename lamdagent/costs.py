@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from .actions import ACTIONS
+
 COLUMNS = ["kind", "stage", "jobs", "wall_s", "cpu_s", "gpus", "gpu_s", "gpu_busy_s", "max_rss_mb", "calls", "tokens_in",
            "tokens_out", "latency_s", "cost_usd"]
 
 # Rules whose jobs run with config resources[<family>] (and so with its GPU count).
-GPU_FAMILIES = {"sft", "ties_merging", "evaluate", "import_model"}
+GPU_FAMILIES = {*ACTIONS, "evaluate", "import_model"}
 AGENT_STAGES = {"propose": "agent:propose", "memory": "agent:update_memory", "iter": "agent:initial_step",
                 "init": "agent:init_pool"}
 
@@ -30,7 +32,7 @@ def stage_of(relative: Path) -> tuple[str, str]:
     """(stage, rule family) of a benchmark file, from its path under results/benchmarks/."""
     rule = relative.parts[0]
     name = relative.stem
-    if rule in ("sft", "ties_merging"):
+    if rule in ACTIONS:
         return f"action:{rule}", rule
     if rule == "evaluate":  # evaluate/<model>.<split>.tsv: one lm-eval process per model and split, all tasks
         return f"evaluate:{name.rsplit('.', 1)[-1]}", rule
@@ -74,7 +76,7 @@ def job_record(family: str, name: str, evals_dir: Path | None, models_dir: Path 
     """What a job wrote about its own run: a model's lineage ``run``, an evaluation's ``settings`` and
     ``run`` (device, measured GPU busy seconds); empty where there is none."""
     path = None
-    if family in ("sft", "ties_merging", "import_model") and models_dir is not None:
+    if (family in ACTIONS or family == "import_model") and models_dir is not None:
         path, keys = models_dir / (name if family == "import_model" else f"{family}-{name}") / "lineage.json", ("run",)
     elif family == "evaluate" and evals_dir is not None:
         model, split = name.rsplit(".", 1)

@@ -100,7 +100,7 @@ def pipeline_tree(model: str, store: RecipeStore, labels: dict[str, str], scores
     """One node per action: its type, datasets and hyper-parameters, and the score of the model it made.
 
     Named models (the base, the specialists) are leaves, as in the pipeline text. A TIES merge's base
-    model is a line of its box, not a branch: the task vectors of the two merged models are what differ.
+    model (TIES, DARE-TIES, task arithmetic) is a line of its box, not a branch: the task vectors of the two merged models are what differ.
     """
     score = scores.get(model)
     if model in labels or not is_built_id(model):
@@ -111,13 +111,13 @@ def pipeline_tree(model: str, store: RecipeStore, labels: dict[str, str], scores
     for slot in spec.slots:
         if slot.kind == "model":
             parent = recipe["inputs"][slot.name]
-            if recipe["action"] == "ties_merging" and slot.name == "base_model":
+            if slot.implied:
                 lines.append(f"base: {labels.get(parent, parent)}")
             else:
                 children.append(pipeline_tree(parent, store, labels, scores))
-        elif slot.kind == "dataset":
+        elif slot.is_dataset:
             lines.append(f"data: {recipe['inputs'][slot.name]['name']}")
-        else:
+        elif slot.name in recipe["params"]:
             lines.append(f"{slot.name}: {_number(recipe['params'][slot.name])}")
     return {"title": spec.short.upper(), "lines": lines, "score": score, "children": children}
 

