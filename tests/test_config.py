@@ -130,3 +130,88 @@ def test_embedded_multi_task_dataset_interleaves_tasks(tmp_path):
                     task_train_files=files)
     assert [r["prompt"] for r in read_jsonl(tmp_path / "mix.jsonl")] == ["a0", "b0", "a1", "b1"]
     assert entry["rows"] == 4
+
+
+# ---- the wide action space (config/examples/wide-actions.yaml) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide_config() -> dict:
+    return yaml.safe_load((REPO / "config" / "examples" / "wide-actions.yaml").read_text())
+
+
+def test_wide_actions_example_is_valid(wide_config):
+    config = load(copy.deepcopy(wide_config), REPO)
+    assert set(config["action_types"]) == {"sft", "sft_lora", "dpo", "ties_merging", "dare_ties", "task_arithmetic",
+                                           "linear", "slerp"}
+    assert config["resources"]["dpo"]["gpu"] == 1 and config["resources"]["slerp"]["gpu"] == 0
+
+
+BAD_WIDE = [
+    # A dpo slot must get preference data, and an SFT slot must not.
+    ("action_types.dpo", ["models", "sft_dataset", "dpo_lr", "dpo_beta"], "action_types.dpo[1]"),
+    ("action_types.sft", ["models", "pref_dataset", "sft_lr"], "action_types.sft[1]"),
+    ("objects.pref_dataset", ["arith-pref", "arith"], "action_types.dpo[1]"),
+    ("models.specialist-choice", {"recipe": {"action": "dpo", "objects": ["smollm2", "arith", 1e-6, 0.1]}},
+     "models.specialist-choice.recipe.objects[1]"),
+    ("objects.density", [0.5, 1.5], "objects.density[1]"),
+    ("objects.slerp_t", [2], "objects.slerp_t[0]"),
+    ("objects.lora_rank", [8, 4.5], "objects.lora_rank[1]"),
+    ("objects.epochs", [0], "objects.epochs[0]"),
+    ("action_types.sft_lora", ["models", "sft_dataset", "lora_lr", "lora_rank"], "action_types.sft_lora"),
+    ("action_types.slerp", ["models", "models", "slerp_t", "epochs"], "action_types.slerp"),
+    ("forced_actions", ["dpo", "rlhf"], "forced_actions[1]"),
+    ("datasets.arith-pref", {"source": "embedded", "kind": "preference", "tasks": ["context"]},
+     "datasets.arith-pref.tasks[0]"),
+    ("datasets.arith-pref", {"source": "local", "kind": "preference", "path": "x.jsonl",
+                             "fields": {"prompt": "q", "completion": "a"}}, "datasets.arith-pref.fields"),
+    ("datasets.arith-pref", {"source": "embedded", "kind": "pairs", "tasks": ["arith"]}, "datasets.arith-pref.kind"),
+    ("models.specialist-choice", {"recipe": {"action": "slerp", "objects": ["smollm2", "smollm2", 0.5]}},
+     "models.specialist-choice.recipe.objects"),
+]
+
+
+@pytest.mark.parametrize("path,value,key", BAD_WIDE, ids=[f"{p}={v}" for p, v, _ in BAD_WIDE])
+def test_bad_wide_config_names_the_key(wide_config, path, value, key):
+    with pytest.raises(ConfigError) as err:
+        load(_break(wide_config, path, value), REPO)
+    message = str(err.value)
+    assert "\n" not in message
+    assert key in message, message
+
+
+def test_local_preference_dataset_with_field_mapping(wide_config, tmp_path):
+    from lamdagent.datasets import prepare
+    from lamdagent.fileio import read_jsonl
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text('{"q": "1+1?", "good": "2", "bad": "3", "extra": 1}\n')
+    spec = {"source": "local", "kind": "preference", "path": str(data),
+            "fields": {"prompt": "q", "chosen": "good", "rejected": "bad"}}
+    load(_break(wide_config, "datasets.arith-pref", spec), REPO)
+    entry = prepare(spec, tmp_path / "out.jsonl")
+    assert read_jsonl(tmp_path / "out.jsonl") == [{"prompt": "1+1?", "chosen": "2", "rejected": "3"}]
+    assert entry["rows"] == 1 and len(entry["sha256"]) == 64
+    data.write_text('{"q": "1+1?", "good": "2"}\n')
+    with pytest.raises(ConfigError, match=r"prefs\.jsonl:1: no field 'bad'"):
+        load(_break(wide_config, "datasets.arith-pref", spec), REPO)
+
+
+def test_embedded_preference_dataset_is_deterministic(tmp_path):
+    from lamdagent.datasets import prepare
+    from lamdagent.fileio import read_jsonl
+    from lamdagent.tasks import write_splits
+
+    spec = {"source": "embedded", "kind": "preference", "tasks": ["arith", "choice"]}
+    entries = []
+    for run in ("a", "b"):
+        files = [write_splits(task, tmp_path / run / task, {"train": 6}, seed=3)["train"] for task in ("arith", "choice")]
+        entries.append(prepare(spec, tmp_path / run / "pref.jsonl", task_train_files=files))
+    assert entries[0]["sha256"] == entries[1]["sha256"] and entries[0]["rows"] == 12
+    rows = read_jsonl(tmp_path / "a" / "pref.jsonl")
+    arith, choice = rows[0], rows[1]
+    assert arith["chosen"] != arith["rejected"] and arith["rejected"].startswith(arith["chosen"].split(" = ")[0])
+    wrong = int(arith["rejected"].rsplit(" ", 1)[1].rstrip("."))
+    right = int(arith["chosen"].rsplit(" ", 1)[1].rstrip("."))
+    assert 0 < abs(wrong - right) <= 3
+    assert choice["chosen"] != choice["rejected"] and choice["rejected"][:2] == "[[" and choice["rejected"][2] in "ABCD"
