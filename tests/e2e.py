@@ -107,3 +107,58 @@ def run_snakemake(workdir: Path, config_path: Path, *extra_args: str, timeout: f
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{output[-8000:]}")
     return result
+
+
+NEW_ACTIONS = ("sft_lora", "dpo", "linear", "task_arithmetic", "dare_ties", "slerp")
+# Iterations 1..3 are forced to these; the initial pool's recipes use the other three new actions.
+WIDE_FORCED = ["task_arithmetic", "dare_ties", "slerp"]
+
+
+def wide_config(tiny_model_dir: Path) -> dict:
+    """Every new action on the tiny model in a 3-iteration run: LoRA, DPO and a linear merge make the
+    initial pool; the iterations are forced to the other three merges (their objects stay random)."""
+    config = tiny_config(tiny_model_dir, iterations=3)
+    config.update({
+        "forced_actions": list(WIDE_FORCED),
+        "models": {
+            "tiny": {"source": "local", "path": str(tiny_model_dir)},
+            "lora-arith": {"recipe": {"action": "sft_lora", "objects": ["tiny", "arith", 1.0e-3, 4, 8]}},
+            "pref-arith": {"recipe": {"action": "dpo", "objects": ["tiny", "arith-pref", 1.0e-3, 0.1]}},
+            "avg": {"recipe": {"action": "linear", "objects": ["lora-arith", "pref-arith", [0.5, 0.5]]}},
+        },
+        "datasets": {
+            "arith": {"source": "embedded", "tasks": ["arith"]},
+            "arith-pref": {"source": "embedded", "kind": "preference", "tasks": ["arith"]},
+        },
+        "objects": {
+            "base_models": ["tiny"],
+            "models": ["tiny", "lora-arith", "pref-arith", "avg"],
+            "sft_dataset": ["arith"],
+            "pref_dataset": ["arith-pref"],
+            "lr": [1.0e-3],
+            "lora_rank": [4],
+            "lora_alpha": [8],
+            "dpo_beta": [0.1],
+            "epochs": [1],
+            "merge_weights": [[0.5, 0.5]],
+            "density": [0.5],
+            "slerp_t": [0.5],
+        },
+        "action_types": {
+            "sft_lora": ["models", "sft_dataset", "lr", "lora_rank", "lora_alpha", "epochs"],
+            "dpo": ["models", "pref_dataset", "lr", "dpo_beta", "epochs"],
+            "linear": ["models", "models", "merge_weights"],
+            "task_arithmetic": ["base_models", "models", "models", "merge_weights"],
+            "dare_ties": ["base_models", "models", "models", "merge_weights", "density"],
+            "slerp": ["models", "models", "slerp_t"],
+        },
+        "eval_tasks": [{"task": "arith", "metric": "exact_match", "weight": "auto"}],
+        "data": {"train_examples": 8, "val_examples": 3, "test_examples": 3},
+        "training": {"epochs": 1, "batch_size": 8, "max_length": 128},
+        "report": {"top_k": 1},
+        "resources": {
+            family: {"gpu": 0, "cpus_per_gpu": 1, "threads": 1, "mem_mb": 2000, "runtime": 10}
+            for family in (*NEW_ACTIONS, "sft", "ties_merging", "evaluate", "import_model")
+        },
+    })
+    return config

@@ -74,3 +74,13 @@ def test_sft_command():
     assert sft_command(1, "a.json") is None
     cmd = sft_command(2, "a.json", metrics_json="m.json")
     assert cmd[-6:] == ["-m", "lamdagent.train", "--args-json", "a.json", "--metrics-json", "m.json"]
+
+
+def test_train_command_runs_dpo_through_the_same_entry_point():
+    from lamdagent.launch import train_command
+
+    assert train_command(1, "a.json", method="dpo") is None
+    cmd = train_command(4, "a.json", method="dpo", metrics_json="m.json")
+    assert "--nproc-per-node=4" in cmd
+    assert cmd[-8:] == ["-m", "lamdagent.train", "--args-json", "a.json", "--method", "dpo", "--metrics-json", "m.json"]
+    assert train_command(2, "a.json") == sft_command(2, "a.json")
