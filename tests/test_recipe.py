@@ -111,3 +111,33 @@ def test_merges_without_a_base_enumerate_distinct_pairs():
     candidates = {"models": ["m0", "m1", "m2"], "base": ["m0"], "w": [[0.5, 0.5]], "d": [0.5], "t": [0.3, 0.7]}
     counts = count_actions(action_types, candidates)
     assert counts == {"linear": 6, "slerp": 12, "dare_ties": 2}
+
+
+def test_every_action_is_described_to_the_agent():
+    from lamdagent import prompts
+    from lamdagent.actions import ACTIONS
+
+    prompt = prompts.type_selection(eval_tasks=[{"task": "arith"}], memory="m", history=[],
+                                    action_types=list(ACTIONS), counts={a: 2 for a in ACTIONS})
+    for number, (name, spec) in enumerate(ACTIONS.items(), start=1):
+        assert f"{number}. {name}: {spec.describe} (2 possible choices)" in prompt
+    objects = prompts.object_selection(action="dpo", slots=[(ACTIONS["dpo"].slots[1].describe, ["arith-pref"])],
+                                       memory="m")
+    assert "preference optimisation (DPO)" in objects and "prompt, chosen, rejected" in objects
+
+
+def test_lineage_details_name_the_library_the_adapter_and_the_seeded_randomness():
+    from lamdagent.lineage import action_details, determinism
+
+    lora = make_recipe("sft_lora", ("m", "arith", 1e-4, 8, 16), datasets=DATASETS, training=TRAINING,
+                       merging=MERGING, seed=5)
+    details = action_details(lora, {"adapter/adapter_config.json": {}, "model.safetensors": {}})
+    assert details["adapter"]["files"] == ["adapter/adapter_config.json"] and details["adapter"]["rank"] == 8
+    assert "peft" in details["library"] and "seeded with 5" in details["random"]
+    dare = make_recipe("dare_ties", ("b", "m1", "m2", [0.5, 0.5], 0.3), datasets=DATASETS, training=TRAINING,
+                       merging=MERGING, seed=5)
+    details = action_details(dare, {})
+    assert details["mergekit_method"] == "dare_ties" and "probability 0.3" in details["random"]
+    record = determinism("cpu", "fp32", 1, random=details["random"])
+    assert record["bit_reproducible"] and "seeded with 5" in record["reason"]
+    assert not determinism("cuda", "fp32", 1, random=details["random"])["bit_reproducible"]
