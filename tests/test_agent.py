@@ -184,3 +184,24 @@ def test_retry_adds_a_reminder_and_starts_the_reply_with_the_answer_format(tmp_p
     assert log.calls[1]["prefix"] == "I choose action number" and "number of the action only" in controller.prompts[1]
     assert log.calls[3]["prefix"] == "[[" and "2 numbers in double square brackets" in controller.prompts[3]
     assert (record["objects"]["model_a"], record["objects"]["model_b"]) == ("specialist", "generalist")
+
+
+def test_forced_actions_fix_the_type_and_leave_the_objects_to_the_controller(tmp_path):
+    specialist(RecipeStore(tmp_path))
+    forced = {**config(), "forced_actions": ["ties_merging"]}
+    # An LLM controller is asked for the objects only: no type-selection call.
+    controller = Scripted(["[[2, 3]]"])
+    log = CallLog()
+    record = propose(iteration=1, config=forced, pool=pool(), history=HISTORY, memory="m", controller=controller,
+                     store=RecipeStore(tmp_path), log=log)
+    assert record["action"] == "ties_merging" and record["forced_action"]
+    assert [call["kind"] for call in log.calls] == ["object_selection"]
+    # The random controller draws among that type's combinations only; iteration 2 is free again.
+    for iteration in range(1, 6):
+        record = propose(iteration=iteration, config={**forced, "forced_actions": ["ties_merging"] * 5},
+                         pool=pool(), history=HISTORY, memory="m", controller=None, store=RecipeStore(tmp_path),
+                         log=CallLog())
+        assert record["action"] == "ties_merging"
+    free = propose(iteration=2, config=forced, pool=pool(), history=HISTORY, memory="m", controller=None,
+                   store=RecipeStore(tmp_path), log=CallLog())
+    assert not free["forced_action"]
