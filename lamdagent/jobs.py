@@ -48,7 +48,10 @@ def job_context(smk):
 def _wants_torch(smk) -> bool:
     from .actions import ACTIONS
 
-    return smk.rule in {*ACTIONS, "import_model", "evaluate", "propose", "update_memory"}
+    # Importing torch costs ~2 s of CPU per job: the agent rules need it only for a local LLM controller.
+    if smk.rule in {"propose", "update_memory"}:
+        return smk.config["controller"]["type"] == "transformers"
+    return smk.rule in {*ACTIONS, "import_model", "evaluate"}
 
 
 # ---- data -------------------------------------------------------------------------------------
