@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pandas as pd  # noqa: E402
 
-from lamdagent.costs import read_benchmarks  # noqa: E402
+from lamdagent.costs import read_benchmarks  # noqa: E402,F401 - re-exported for the scripts
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
@@ -112,3 +112,20 @@ def model_for_benchmark(spec: str | None, scratch: Path, hidden_size: int, num_l
             import_embedded_smollm2(path)
         return path
     return Path(spec)
+
+
+def run_span_s(bench_dir: Path) -> float:
+    """Seconds from the first job's start to the last job's end, from the benchmark files' times.
+
+    Snakemake writes a benchmark file when its job ends, so a job ran from (mtime - s) to mtime. A run
+    that was interrupted and resumed counts the pause too.
+    """
+    starts, ends = [], []
+    for path in Path(bench_dir).rglob("*.tsv"):
+        table = pd.read_csv(path, sep="\t")
+        if table.empty or "s" not in table:
+            continue
+        end = path.stat().st_mtime
+        starts.append(end - float(pd.to_numeric(table["s"], errors="coerce").sum()))
+        ends.append(end)
+    return max(ends) - min(starts) if ends else 0.0

@@ -1,0 +1,43 @@
+"""The benchmark scripts' own logic: stage totals and the run's span from Snakemake benchmark files."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from common import read_benchmarks, run_span_s, stage_totals  # noqa: E402
+
+HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def write_benchmark(root: Path, relative: str, seconds: float, cpu: float, ended_at: float) -> None:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(HEADER + f"{seconds}\t0:00:00\t10\t20\t5\t6\t0\t0\t1\t{cpu}\n")
+    os.utime(path, (ended_at, ended_at))
+
+
+def test_stage_totals_and_span(tmp_path):
+    t0 = 1_000_000.0
+    write_benchmark(tmp_path, "sft/aaaa.tsv", 100.0, 90.0, t0 + 100)  # runs t0 .. t0+100
+    write_benchmark(tmp_path, "sft/bbbb.tsv", 50.0, 40.0, t0 + 130)  # overlaps the first
+    write_benchmark(tmp_path, "evaluate/m.val.tsv", 30.0, 20.0, t0 + 160)
+    write_benchmark(tmp_path, "evaluate/m.test.tsv", 10.0, 5.0, t0 + 170)
+    write_benchmark(tmp_path, "agent/propose_1.tsv", 2.0, 1.0, t0 + 102)
+    (tmp_path / "agent" / "empty.tsv").write_text(HEADER)  # a job still running: no row yet
+
+    totals = stage_totals(read_benchmarks(tmp_path)).set_index("stage")
+    assert list(totals.index) == ["action:sft", "evaluate:val", "evaluate:test", "agent:propose"]
+    assert totals.loc["action:sft", "jobs"] == 2
+    assert totals.loc["action:sft", "wall_s"] == pytest.approx(150.0)
+    assert totals.loc["action:sft", "cpu_s"] == pytest.approx(130.0)
+    assert totals.loc["evaluate:test", "wall_s"] == pytest.approx(10.0)
+    # Two overlapping sft jobs: 192 s of job time in a 170 s span.
+    assert run_span_s(tmp_path) == pytest.approx(170.0, abs=1e-3)
+
+
+def test_span_of_no_jobs_is_zero(tmp_path):
+    assert run_span_s(tmp_path) == 0.0
