@@ -125,7 +125,7 @@ def main(argv=None) -> int:
                         "(default: a random Llama, see --hidden)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the random Llama")
     parser.add_argument("--layers", type=int, default=4, help="layers of the random Llama")
-    parser.add_argument("--examples", type=int, default=96)
+    parser.add_argument("--examples", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-4)
