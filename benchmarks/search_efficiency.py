@@ -34,14 +34,16 @@ import yaml  # noqa: E402
 
 def best_after(workdir: Path, ks: list[int]) -> dict[int, float]:
     """{k: best validation s_multi over the initial pool and iterations 1..k} of a finished run."""
+    from lamdagent.plan import step_entries
+
     agent = Path(workdir) / "results" / "agent"
-    initial = json.loads((agent / "iter_0" / "step.json").read_text())["initial"]
-    best = max(entry["score"]["s_multi"] for entry in initial)
-    out, k_set = {}, set(ks)
-    for i in range(1, max(ks) + 1):
-        step = json.loads((agent / f"iter_{i}" / "step.json").read_text())
-        best = max(best, step["score"]["s_multi"])
-        if i in k_set:
+    best, out = float("-inf"), {}
+    for i in range(max(ks) + 1):
+        # An iteration's record holds its k proposals' steps (or the initial models); a failed step has no score.
+        for entry in step_entries(json.loads((agent / f"iter_{i}" / "step.json").read_text())):
+            if entry.get("score"):
+                best = max(best, entry["score"]["s_multi"])
+        if i in ks:
             out[i] = best
     return out
 

@@ -41,3 +41,24 @@ def test_stage_totals_and_span(tmp_path):
 
 def test_span_of_no_jobs_is_zero(tmp_path):
     assert run_span_s(tmp_path) == 0.0
+
+
+def write_step(agent: Path, iteration: int, record: dict) -> None:
+    import json
+
+    (agent / f"iter_{iteration}").mkdir(parents=True, exist_ok=True)
+    (agent / f"iter_{iteration}" / "step.json").write_text(json.dumps(record))
+
+
+def test_best_after_k_iterations(tmp_path):
+    from search_efficiency import best_after
+
+    agent = tmp_path / "results" / "agent"
+    write_step(agent, 0, {"iteration": 0, "initial": [{"model": "base", "score": {"s_multi": 0.2}},
+                                                      {"model": "spec", "score": {"s_multi": 0.5}}]})
+    write_step(agent, 1, {"iteration": 1, "model": "m1", "score": {"s_multi": 0.4}})
+    write_step(agent, 2, {"iteration": 2, "model": "m2", "status": "failed", "score": None})
+    # proposals_per_iteration k = 2: the iteration's record holds both steps.
+    write_step(agent, 3, {"iteration": 3, "k": 2, "steps": [{"model": "m3", "score": {"s_multi": 0.9}},
+                                                            {"model": "m4", "score": {"s_multi": 0.1}}]})
+    assert best_after(tmp_path, [1, 2, 3]) == {1: 0.5, 2: 0.5, 3: 0.9}
