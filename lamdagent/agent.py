@@ -248,12 +248,12 @@ def _choose(space, *, iteration, config, pool, history, memory, controller, log,
         index = seeded_rng(config["seed"], iteration, purpose).randrange(len(action_types))
     action = action_types[index]
     combo = _select_objects(action, config, pool, space[action], memory, controller, log, fallback, iteration,
-                            round_)
+                            round_, history)
     return action, combo, fallback
 
 
 def _select_objects(action, config, pool, combos, memory, controller, log, fallback, iteration,
-                    round_: Round | None = None) -> tuple:
+                    round_: Round | None = None, history: list[dict] = ()) -> tuple:
     """Ask for the objects of the open slots; a slot with one candidate is filled, not asked.
 
     ``combos`` are the choices allowed (with k > 1, those not taken yet); a reply naming another
@@ -270,7 +270,7 @@ def _select_objects(action, config, pool, combos, memory, controller, log, fallb
     fixed = [(specs[i].describe, pool.label(candidate_lists[i][0])) for i in range(len(candidate_lists))
              if i not in open_slots]
     prompt = prompts.object_selection(action=action, slots=slots, memory=memory, fixed=fixed,
-                                      parallel=round_.note(action) if round_ else None)
+                                      parallel=round_.note(action) if round_ else None, history=history)
 
     def parse(reply: str):
         picked = parse_objects(reply, [len(candidate_lists[i]) for i in open_slots])

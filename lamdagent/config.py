@@ -42,17 +42,21 @@ DEFAULTS: dict[str, Any] = {
     # Prices default to 0 (the embedded agent runs locally); set them for an API model and rented GPUs.
     "report": {"top_k": 3, "every_k": 5,
                "prices": {"input_per_1m_tokens": 0.0, "output_per_1m_tokens": 0.0, "gpu_hour": 0.0, "cpu_hour": 0.0}},
+    # A failed action (exception, NaN loss, out of memory, time limit) is fed back with this score; it
+    # stops itself time_margin_s before its rule's runtime ends, to record the failure.
+    "failures": {"score": 0.0, "time_margin_s": 60, "log_tail_lines": 30},
+    # retries: Snakemake reruns a job that failed for infrastructure reasons (killed, node lost).
     "resources": {
-        "sft": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240},
-        "sft_lora": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240},
-        "dpo": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240},
-        "ties_merging": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60},
-        "linear": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60},
-        "task_arithmetic": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60},
-        "dare_ties": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60},
-        "slerp": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60},
-        "evaluate": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 120},
-        "import_model": {"gpu": 0, "cpus_per_gpu": 1, "threads": 2, "mem_mb": 16000, "runtime": 60},
+        "sft": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240, "retries": 2},
+        "sft_lora": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240, "retries": 2},
+        "dpo": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240, "retries": 2},
+        "ties_merging": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60, "retries": 2},
+        "linear": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60, "retries": 2},
+        "task_arithmetic": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60, "retries": 2},
+        "dare_ties": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60, "retries": 2},
+        "slerp": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60, "retries": 2},
+        "evaluate": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 120, "retries": 2},
+        "import_model": {"gpu": 0, "cpus_per_gpu": 1, "threads": 2, "mem_mb": 16000, "runtime": 60, "retries": 2},
     },
 }
 
@@ -283,6 +287,13 @@ def check(config: dict, workdir: Path) -> None:
         weight = task.setdefault("weight", "auto")
         if weight == "auto" and "max" not in task and metric.split(",")[0] not in METRIC_MAX:
             raise ConfigError(f"{key}.weight", f"`auto` needs the range of metric {metric!r}: give `max` or a number")
+
+    # An action must keep some of its runtime after the margin in which it records its failure.
+    margin = config["failures"]["time_margin_s"]
+    for family, spec in config["resources"].items():
+        if family in ACTIONS and spec.get("runtime") and margin >= spec["runtime"] * 60:
+            raise ConfigError("failures.time_margin_s",
+                              f"{margin} s leaves no time to resources.{family}.runtime ({spec['runtime']} min)")
 
     # Controller.
     controller = config["controller"]

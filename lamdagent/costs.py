@@ -25,7 +25,7 @@ COLUMNS = ["kind", "stage", "jobs", "wall_s", "cpu_s", "gpus", "gpu_s", "gpu_bus
 # Rules whose jobs run with config resources[<family>] (and so with its GPU count).
 GPU_FAMILIES = {*ACTIONS, "evaluate", "import_model"}
 AGENT_STAGES = {"propose": "agent:propose", "memory": "agent:update_memory", "iter": "agent:initial_step",
-                "init": "agent:init_pool"}
+                "init": "agent:init_pool", "outcome": "agent:outcome"}
 
 
 def stage_of(relative: Path) -> tuple[str, str]:

@@ -67,7 +67,8 @@ def plot_score_over_iterations(step_records: list[dict], every_k: int, stem: str
     points = step_points(step_records)
     bins = binned_scores(points, every_k)
     fig, ax = plt.subplots(figsize=(7, 4))
-    initial = [e["score"]["s_multi"] for r in step_records if "initial" in r for e in r["initial"] if e.get("score")]
+    initial = [e["score"]["s_multi"] for r in step_records if "initial" in r for e in r["initial"]
+               if e.get("score") and e.get("status") != "failed"]
     if initial:
         ax.axhline(max(initial), color="grey", linestyle="--", linewidth=1, label="best initial model")
     ax.scatter(points["iteration"], points["s_multi"], s=14, color="tab:blue", alpha=0.6, label="model (one step)")

@@ -104,6 +104,52 @@ def _store_recipe(smk, recipe: dict, usage: dict, **run) -> None:
     record_model(smk.output.model, recipe, parents=parents, datasets=datasets, config=smk.config, usage=usage, **run)
 
 
+def _run_action(smk, action: str, call: str, kwargs: dict, *, gpus: int = 0) -> dict | None:
+    """Run the action (``call``: lamdagent.<module>:<function>) in a child process under the rule's deadline.
+
+    Returns its metrics; or, when the action failed, writes the output directory with
+    ``failure.json`` only and returns None (see ``lamdagent.failures``: what is recorded, what is retried).
+    """
+    from . import failures
+    from .actions import action_spec
+    from .launch import distributed_command
+
+    settings = smk.config["failures"]
+    out_dir = Path(smk.output.model)
+    record = dict(model=out_dir.name, action=action, log_path=smk.log[0], log_lines=settings["log_tail_lines"])
+    # A parent that failed (possible only for models named in config) fails this action too, unrun.
+    for slot in action_spec(action).slots:
+        parent = failures.read_failure(getattr(smk.input, slot.name)) if slot.kind == "model" else None
+        if parent is not None:
+            failures.write_failure(out_dir, failures.failure_record(
+                kind="input_failed", reason=f"its input model {parent['model']} failed: {parent['reason']}", **record))
+            print(f"[lamdagent] {action} not run: input {parent['model']} failed", flush=True)
+            return None
+    stem = Path(smk.log[0]).with_suffix("")
+    files = {name: f"{stem}.{name}.json" for name in ("args", "metrics", "failure")}
+    atomic_write_json(files["args"], kwargs)
+    args = failures.child_command(call, files["args"], files["metrics"], files["failure"],
+                                  threads=max(1, int(smk.threads or 1)))
+    command = distributed_command(gpus, "lamdagent.failures", args) or [sys.executable, "-m", "lamdagent.failures",
+                                                                         *args]
+    # The child imports this package the way this job did, even from a bare conda env.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    deadline = failures.deadline_s(getattr(smk.resources, "runtime", None), settings["time_margin_s"])
+    print("launching:", " ".join(command), f"(deadline {deadline} s)", flush=True)
+    started = time.monotonic()
+    try:
+        return failures.run_action(command, metrics_json=files["metrics"], failure_json=files["failure"],
+                                   deadline=deadline, out_dir=out_dir, env=env)
+    except failures.ActionFailed as failed:
+        failures.write_failure(out_dir, failures.failure_record(kind=failed.kind, reason=failed.reason,
+                                                                elapsed_s=time.monotonic() - started,
+                                                                deadline=deadline, **record))
+        print(f"[lamdagent] {action} failed ({failed.kind}): {failed.reason}; recorded in {out_dir}/failure.json",
+              flush=True)
+        return None
+
+
 def sft(smk):
     _train(smk)
 
@@ -117,10 +163,9 @@ def dpo(smk):
 
 
 def _train(smk):
-    """sft, sft_lora and dpo: in-process on 0 or 1 GPU, one torchrun worker per GPU on more."""
-    from .launch import gpu_count, train_command
+    """sft, sft_lora and dpo: one child process on 0 or 1 GPU, one torchrun worker per GPU on more."""
+    from .launch import gpu_count
     from .lineage import TRAIN_METHOD, sft_kwargs, start_clock, stop_clock
-    from .train import TRAINERS
 
     recipe = read_json(smk.input.recipe)
     method = TRAIN_METHOD[recipe["action"]]
@@ -128,28 +173,17 @@ def _train(smk):
     kwargs = sft_kwargs(recipe, smk.input.model, smk.input.dataset, smk.output.model)
     with job_context(smk):
         clock = start_clock()
-        args_file = Path(smk.log[0]).with_suffix(".args.json")
-        metrics_file = Path(smk.log[0]).with_suffix(".metrics.json")
         gpus = gpu_count(smk.resources)
-        command = train_command(gpus, str(args_file), method=method, metrics_json=str(metrics_file))
-        if command is None:
-            metrics = TRAINERS[method](**kwargs)
-        else:  # several GPUs: one worker per GPU (torchrun), inside this one job
-            import subprocess
-
-            atomic_write_json(args_file, kwargs)
-            print("launching:", " ".join(command), flush=True)
-            # The workers import this package the way this job did, even from a bare conda env.
-            package_root = str(Path(__file__).resolve().parent.parent)
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-            subprocess.run(command, check=True, env=env)
-            metrics = read_json(metrics_file)
+        # train.TRAINERS[method] is the function lamdagent.train.<method>.
+        metrics = _run_action(smk, recipe["action"], f"lamdagent.train:{method}", kwargs, gpus=gpus)
+        if metrics is None:
+            return
         print(f"{recipe['action']} metrics: {metrics}")
         import torch
 
         cuda = torch.cuda.is_available()
         _store_recipe(smk, recipe, stop_clock(clock), device="cuda" if cuda else "cpu", precision=metrics["precision"],
-                      processes=1 if command is None else gpus, gpus=max(gpus, 1) if cuda else 0, metrics=metrics)
+                      processes=1 if gpus <= 1 else gpus, gpus=max(gpus, 1) if cuda else 0, metrics=metrics)
 
 
 def ties_merging(smk):
@@ -176,13 +210,15 @@ def _merge(smk):
     """Every mergekit action: the recipe names the method and its parameters."""
     from .actions import action_spec
     from .lineage import merge_kwargs, merge_precision, start_clock, stop_clock
-    from .merge import merge
 
     recipe = read_json(smk.input.recipe)
     parents = {s.name: getattr(smk.input, s.name) for s in action_spec(recipe["action"]).slots if s.kind == "model"}
     with job_context(smk):
         clock = start_clock()
-        metrics = merge(**merge_kwargs(recipe, parents, smk.output.model))
+        metrics = _run_action(smk, recipe["action"], "lamdagent.merge:merge", merge_kwargs(recipe, parents,
+                                                                                          smk.output.model))
+        if metrics is None:
+            return
         print(f"merge metrics: {metrics}")
         _store_recipe(smk, recipe, stop_clock(clock), device=metrics["device"],
                       precision=merge_precision(recipe["params"]["dtype"]), gpus=int(metrics["device"] != "cpu"),
@@ -194,12 +230,16 @@ def _merge(smk):
 
 def evaluate(smk):
     from .evaluate import evaluate as run_evaluate
+    from .failures import read_failure
     from .lineage import start_clock, stop_clock
     from .score import split_tasks
 
     settings = smk.config["evaluation"]
     tasks = list(split_tasks(smk.config["eval_tasks"], smk.wildcards.split).values())
     with job_context(smk):
+        failure = read_failure(smk.input.model)
+        if failure is not None:  # the workflow never asks for it; an explicit target gets a clear error
+            raise ValueError(f"{smk.input.model} holds no model: its action failed ({failure['reason']})")
         clock = start_clock()
         run_evaluate(smk.input.model, tasks, smk.output.evaluation, batch_size=settings["batch_size"],
                      device=settings["device"], dtype=settings["dtype"], backend=settings["backend"],
@@ -247,8 +287,40 @@ def _load_pool_and_history(smk, upto: int):
     pool = Pool.from_json(read_json("results/agent/pool.json"))
     initial, steps = load_steps("results/agent", upto)
     history = history_entries(initial, steps)
+    # Models the agent made join the pool; a failed action made none, and a failed initial model leaves it.
     pool = pool.with_models([e["model"] for e in history if e["iteration"] and e.get("status") == "done"])
+    pool = pool.without_models([h["model"] for h in history if h.get("status") == "failed"])
     return pool, history
+
+
+def _apply_outcome(record: dict, outcome: dict, config: dict, scores: dict[str, dict]) -> dict:
+    """Complete a step record (an initial model or an agent step) from the outcome of its action:
+    the score, or the failure (reason, log tail) with the configured failure score."""
+    from .score import failure_score
+
+    entry = outcome["models"].get(record["model"], {"status": "done"})
+    if entry["status"] == "failed":
+        failure = entry["failure"]
+        record.update(status="failed", action=record.get("action") or failure["action"], reason=failure["reason"],
+                      failure={key: failure[key] for key in ("kind", "reason", "log", "log_tail")},
+                      score=failure_score(config))
+    else:
+        record.update(status="done", score=scores[record["model"]])
+    return record
+
+
+def outcome(smk):
+    """Whether each built model of the step exists or its action failed (``failure.json``)."""
+    from .failures import read_failure
+
+    with job_context(smk):
+        models = {}
+        for model_dir in smk.input.models:
+            failure = read_failure(model_dir)
+            models[Path(model_dir).name] = {"status": "failed" if failure else "done", "failure": failure}
+        atomic_write_json(smk.output.outcome, {"iteration": int(smk.wildcards.iteration), "models": models})
+        print(f"outcome of iteration {smk.wildcards.iteration}:",
+              {model: entry["status"] for model, entry in models.items()})
 
 
 def initial_step(smk):
@@ -259,16 +331,16 @@ def initial_step(smk):
     store = RecipeStore("results/recipes")
     with job_context(smk):
         pool = Pool.from_json(read_json(smk.input.pool))
+        outcome = read_json(smk.input.outcome)
+        scores = {Path(path).stem: read_json(path) for path in smk.input.scores}
         entries = []
         for model in pool.initial_models:
-            entries.append({
+            entries.append(_apply_outcome({
                 "model": model,
                 "name": pool.labels.get(model),
                 "pipeline": pool.label(model),
                 "pipeline_full": pipeline_text(model, store, pool.labels, full=True),
-                "score": read_json(f"results/scores/{model}.json"),
-                "status": "done",
-            })
+            }, outcome, smk.config, scores))
         atomic_write_json(smk.output.step, {"iteration": 0, "initial": entries})
         atomic_write_text(smk.output.memory, smk.config["memory"]["initial"].strip() + "\n")
         write_plan("results/agent", "results/plan.yaml")
@@ -305,11 +377,10 @@ def update_memory(smk):
     k = smk.config["proposals_per_iteration"]
     with job_context(smk):
         _, history = _load_pool_and_history(smk, iteration - 1)
-        records = step_entries(read_json(smk.input.proposal))
+        outcome = read_json(smk.input.outcome)
         scores = {Path(path).stem: read_json(path) for path in smk.input.scores}
-        for record in records:
-            record["score"] = scores[record["model"]]
-            record["status"] = "done"
+        records = [_apply_outcome(record, outcome, smk.config, scores)
+                   for record in step_entries(read_json(smk.input.proposal))]
         memory = Path(smk.input.memory).read_text(encoding="utf-8").strip()
         log = CallLog()
         # All k results of the iteration feed one rewrite of the memory.

@@ -13,7 +13,7 @@ def summary_memory(history: list[dict], new: dict | list[dict]) -> str:
     ``new``: the iteration's step, or its k steps when they ran in parallel.
     """
     news = [new] if isinstance(new, dict) else list(new)
-    scored = [h for h in history + news if h.get("score")]
+    scored = [h for h in history + news if h.get("score") and h.get("status") != "failed"]
     lines = []
     if scored:
         best = max(scored, key=lambda h: h["score"]["s_multi"])
@@ -29,9 +29,14 @@ def step_note(new: dict | list[dict], history: list[dict]) -> str:
     news = [new] if isinstance(new, dict) else list(new)
     notes = []
     for entry in news:
+        failed = entry.get("status") == "failed"
         if entry.get("repeat_of") is not None:
+            known = "failure" if failed else "score"
             notes.append(f"Note: this choice repeated the recipe of iteration {entry['repeat_of']}; nothing was "
-                         "trained and the known score was reused. Choose something new next time.")
+                         f"trained and the known {known} was reused. Choose something new next time.")
+        elif failed:
+            notes.append(f"Note: {entry['pipeline']}: the action failed, so it made no model; it counts with the "
+                         f"failure score {entry['score']['s_multi']:.3f}. Avoid what made it fail.")
     return "\n".join(notes)
 
 

@@ -70,6 +70,14 @@ class Pool:
             pool.add_model(model)
         return pool
 
+    def without_models(self, models: list[str]) -> "Pool":
+        """The pool without these models in any candidate list (failed: never an input of an action)."""
+        pool = Pool.from_json(self.to_json())
+        for object_type, values in pool.candidates.items():
+            if pool.kinds.get(object_type) == "model":
+                pool.candidates[object_type] = [v for v in values if v not in models]
+        return pool
+
     def to_json(self) -> dict:
         return {"candidates": self.candidates, "kinds": self.kinds, "labels": self.labels, "datasets": self.datasets,
                 "join_types": self.join_types, "initial_models": self.initial_models}

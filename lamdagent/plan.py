@@ -1,7 +1,8 @@
 """The dynamic plan: one step per agent iteration, recorded under ``results/agent/iter_<i>/``.
 
 ``proposal.json`` is written when the agent chooses the step, ``step.json`` once its model is
-scored and the memory rewritten. ``results/plan.yaml`` is the readable view of those records:
+scored (or its action failed: ``status: failed``, the failure score, the reason and the log tail) and
+the memory rewritten. ``results/plan.yaml`` is the readable view of those records:
 rewritten atomically after each, entries only ever added or completed, never changed.
 
 With ``proposals_per_iteration`` k > 1 an iteration's file holds its k steps under ``steps``
@@ -70,7 +71,14 @@ def plan_entry(record: dict) -> dict:
     entry = {key: record.get(key) for key in keys}
     score = record.get("score")
     entry["score"] = None if not score else round(score["s_multi"], 6)
+    if record.get("status") == "failed":  # the failure score, and why
+        entry["failure"] = _failure(record)
     return entry
+
+
+def _failure(record: dict) -> dict:
+    failure = record["failure"]
+    return {"kind": failure["kind"], "reason": failure["reason"], "log_tail": failure["log_tail"]}
 
 
 def write_plan(agent_dir: str | Path, plan_path: str | Path) -> dict:
@@ -86,7 +94,8 @@ def write_plan(agent_dir: str | Path, plan_path: str | Path) -> dict:
         if iteration == 0:
             plan["initial"] = [
                 {"model": e["model"], "name": e.get("name"), "pipeline": e["pipeline"],
-                 "score": round(e["score"]["s_multi"], 6) if e.get("score") else None}
+                 "score": round(e["score"]["s_multi"], 6) if e.get("score") else None,
+                 **({"status": "failed", "failure": _failure(e)} if e.get("status") == "failed" else {})}
                 for e in record["initial"]
             ]
         else:

@@ -5,28 +5,48 @@ from __future__ import annotations
 from .actions import ACTIONS
 
 MAX_RESULT_LINES = 10
+MAX_FAILURE_LINES = 3  # the most recent failed actions shown in every prompt
 
 
 def _tasks_line(eval_tasks: list[dict]) -> str:
     return ", ".join(f"{t['task']} ({t.get('metric', 'exact_match')})" for t in eval_tasks)
 
 
+def failure_text(entry: dict) -> str:
+    """``action sft failed: training loss is nan at step 2`` (the reason's first line)."""
+    reason = (entry.get("reason") or "").strip()
+    reason = reason.splitlines()[0] if reason else "unknown reason"
+    return f"action {entry.get('action') or 'unknown'} failed: {reason}"
+
+
 def result_line(entry: dict) -> str:
     score = entry.get("score")
     if entry.get("status") == "failed":
-        return f"- {entry['pipeline']}: failed ({entry.get('reason', 'unknown reason')})"
+        return f"- {entry['pipeline']}: {failure_text(entry)}"
     if not score:
         return f"- {entry['pipeline']}: not evaluated yet"
     tasks = ", ".join(f"{name} {value:.2f}" for name, value in score["tasks"].items())
     return f"- {entry['pipeline']}: score {score['s_multi']:.3f} ({tasks})"
 
 
+def failed_entries(history: list[dict]) -> list[dict]:
+    return [h for h in history if h.get("status") == "failed"][-MAX_FAILURE_LINES:]
+
+
 def results_block(history: list[dict]) -> str:
-    scored = [h for h in history if h.get("score")]
+    """The best results, then the most recent failed actions (their failure score is no result)."""
+    scored = [h for h in history if h.get("score") and h.get("status") != "failed"]
     best = sorted(scored, key=lambda h: -h["score"]["s_multi"])[:MAX_RESULT_LINES]
-    failed = [h for h in history if h.get("status") == "failed"][-3:]
-    lines = [result_line(h) for h in best + failed]
+    lines = [result_line(h) for h in best + failed_entries(history)]
     return "\n".join(lines) if lines else "- none yet"
+
+
+def failures_block(history: list[dict]) -> str:
+    failed = failed_entries(history)
+    if not failed:
+        return ""
+    lines = "\n".join(result_line(h) for h in failed)
+    return f"\n\nActions that failed (they made no model, so it is not a candidate):\n{lines}"
 
 
 MAX_TAKEN_LINES = 10
@@ -69,9 +89,11 @@ def type_selection(*, eval_tasks, memory: str, history: list[dict], action_types
 
 
 def object_selection(*, action: str, slots: list[tuple[str, list[str]]], memory: str,
-                     fixed: list[tuple[str, str]] = (), parallel: str | None = None) -> str:
+                     fixed: list[tuple[str, str]] = (), parallel: str | None = None,
+                     history: list[dict] = ()) -> str:
     """``slots``: (slot description, candidate labels) in slot order, for the slots to choose;
-    ``fixed``: (slot description, the only candidate) for the others; ``parallel``: as for type_selection."""
+    ``fixed``: (slot description, the only candidate) for the others; ``parallel``: as for type_selection;
+    ``history``: for the failed actions."""
     blocks = []
     for number, (describe, labels) in enumerate(slots, start=1):
         options = "\n".join(f"{index}. {label}" for index, label in enumerate(labels, start=1))
@@ -84,7 +106,7 @@ def object_selection(*, action: str, slots: list[tuple[str, list[str]]], memory:
         "the initial ones.\n\n"
         + (f"{parallel}\n\n" if parallel else "")
         + "\n\n".join(blocks)
-        + f"\n\nYour memory:\n{memory}\n\n"
+        + f"\n\nYour memory:\n{memory}{failures_block(list(history))}\n\n"
         f"Answer with one number per slot, in slot order, in double square brackets, like [[{letters}]]."
     )
 

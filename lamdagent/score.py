@@ -54,3 +54,8 @@ def score(eval_result: dict, eval_tasks: list[dict], split: str = "val") -> dict
             weights[label] = alpha(eval_task)
     s_multi = sum(weights[label] * tasks[label] for label in tasks if not label.endswith("_ood"))
     return {"split": split, "tasks": tasks, "weights": weights, "s_multi": s_multi}
+
+
+def failure_score(config: dict) -> dict:
+    """The score a failed action is fed back with: ``failures.score`` as s_multi, no task scores."""
+    return {"split": "val", "tasks": {}, "weights": {}, "s_multi": float(config["failures"]["score"]), "failed": True}

@@ -55,6 +55,24 @@ checkpoint propose:
         "../scripts/propose.py"
 
 
+# Whether each built model of step i (iteration 0: the initial models) exists or its action failed.
+# A checkpoint: a failed action leaves no model to evaluate, so the agent's next inputs depend on it.
+checkpoint outcome:
+    input:
+        unpack(outcome_inputs),
+    output:
+        outcome="results/agent/iter_{iteration}/outcome.json",
+    log:
+        "results/logs/agent/outcome_{iteration}.log",
+    benchmark:
+        "results/benchmarks/agent/outcome_{iteration}.tsv"
+    localrule: True
+    conda:
+        "../envs/agent.yaml"
+    script:
+        "../scripts/outcome.py"
+
+
 rule update_memory:
     input:
         unpack(update_memory_inputs),

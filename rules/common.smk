@@ -31,7 +31,8 @@ wildcard_constraints:
 
 
 def resources_of(family):
-    """Rule resources from config; memory and time grow with each retry (OOM, time limit)."""
+    """Rule resources from config; memory and time grow with each retry. Snakemake retries a job that
+    failed for infrastructure reasons (killed, node lost); a failing action is recorded, not retried."""
     spec = config["resources"][family]
     return {
         "gpu": spec["gpu"],
@@ -144,10 +145,30 @@ def steps_upto(iteration):
     return [f"{agent_dir(i)}/step.json" for i in range(iteration + 1)]
 
 
+def outcome_inputs(wildcards):
+    """The built models of step i: iteration 0's initial models made by recipes, or the proposals' models
+    (all k at once, so Snakemake builds them in parallel)."""
+    i = int(wildcards.iteration)
+    models = pool().initial_models if i == 0 else [entry["model"] for entry in step_entries(proposal(i))]
+    inputs = {"models": [model_dir(m) for m in models if is_built_id(m)]}
+    if i > 0:
+        inputs["proposal"] = f"{agent_dir(i)}/proposal.json"
+    return inputs
+
+
+def failed_models(iteration):
+    """The models of step i whose action failed, as the outcome checkpoint recorded. A failed action
+    leaves no model, so no evaluation or score of it is asked for."""
+    outcome = read_json(checkpoints.outcome.get(iteration=iteration).output.outcome)
+    return {model for model, entry in outcome["models"].items() if entry["status"] == "failed"}
+
+
 def initial_step_inputs(wildcards):
+    failed = failed_models(0)
     return {
         "pool": checkpoints.init_pool.get().output.pool,
-        "scores": [f"{RESULTS}/scores/{m}.json" for m in pool().initial_models],
+        "outcome": f"{agent_dir(0)}/outcome.json",
+        "scores": [f"{RESULTS}/scores/{m}.json" for m in pool().initial_models if m not in failed],
     }
 
 
@@ -165,9 +186,12 @@ def update_memory_inputs(wildcards):
     """All k models of the iteration are targets at once, so Snakemake builds them in parallel."""
     i = int(wildcards.iteration)
     chosen = step_entries(proposal(i))
+    failed = failed_models(i)
     return {
         "proposal": f"{agent_dir(i)}/proposal.json",
-        "scores": [f"{RESULTS}/scores/{entry['model']}.json" for entry in chosen],
+        "outcome": f"{agent_dir(i)}/outcome.json",
+        # A failed action has no model, so no score.
+        "scores": [f"{RESULTS}/scores/{entry['model']}.json" for entry in chosen if entry["model"] not in failed],
         "memory": f"{agent_dir(i - 1)}/memory.md",
         "steps": steps_upto(i - 1),
         **controller_inputs(),

@@ -7,6 +7,7 @@ rule evaluate:
     threads: config["resources"]["evaluate"]["threads"]
     resources:
         **resources_of("evaluate"),
+    retries: config["resources"]["evaluate"]["retries"]
     log:
         "results/logs/evaluate/{model}.{split}.log",
     benchmark:

@@ -8,6 +8,7 @@ rule import_model:
     threads: config["resources"]["import_model"]["threads"]
     resources:
         **resources_of("import_model"),
+    retries: config["resources"]["import_model"]["retries"]
     log:
         "results/logs/import_model/{name}.log",
     benchmark:
@@ -26,6 +27,7 @@ rule sft:
     threads: config["resources"]["sft"]["threads"]
     resources:
         **resources_of("sft"),
+    retries: config["resources"]["sft"]["retries"]
     log:
         "results/logs/sft/{hash}.log",
     benchmark:
@@ -44,6 +46,7 @@ rule ties_merging:
     threads: config["resources"]["ties_merging"]["threads"]
     resources:
         **resources_of("ties_merging"),
+    retries: config["resources"]["ties_merging"]["retries"]
     log:
         "results/logs/ties_merging/{hash}.log",
     benchmark:

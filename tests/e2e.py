@@ -52,7 +52,8 @@ def tiny_config(tiny_model_dir: Path, *, iterations: int = 3, controller: dict |
         "evaluation": {"batch_size": 8},
         "report": {"top_k": 2},
         "resources": {
-            family: {"gpu": 0, "cpus_per_gpu": 1, "threads": 1, "mem_mb": 2000, "runtime": 10}
+            # No retries: a test fails on the first error rather than hide it behind a retry.
+            family: {"gpu": 0, "cpus_per_gpu": 1, "threads": 1, "mem_mb": 2000, "runtime": 10, "retries": 0}
             for family in ("sft", "ties_merging", "evaluate", "import_model")
         },
     }
