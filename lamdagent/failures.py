@@ -116,12 +116,17 @@ def child_command(call: str, args_json, metrics_json, failure_json, *, threads: 
     return args + (["--threads", str(threads)] if threads else [])
 
 
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGKILL when the job process dies (kill -9 of a run leaves no orphan)."""
-    with contextlib.suppress(Exception):
+def _die_with_parent():
+    """Linux: a function for ``preexec_fn`` that makes the child get SIGKILL when the job process dies
+    (a kill -9 of the run leaves no orphan training). libc is loaded here, in the parent: a forked
+    child of a threaded process must not dlopen."""
+    try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -154,7 +159,7 @@ def run_action(command: list[str], *, metrics_json, failure_json, deadline: floa
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     started = time.monotonic()
-    process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent())
     try:
         returncode = process.wait(timeout=deadline)
     except subprocess.TimeoutExpired:

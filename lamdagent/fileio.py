@@ -49,8 +49,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (a log tail) as ``|`` blocks, readable as they were written."""
+
+
+_BlockDumper.add_representer(
+    str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
 def atomic_write_yaml(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
+    atomic_write_text(path, yaml.dump(obj, Dumper=_BlockDumper, sort_keys=False, allow_unicode=True))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -130,8 +130,9 @@ def _run_action(smk, action: str, call: str, kwargs: dict, *, gpus: int = 0) -> 
     atomic_write_json(files["args"], kwargs)
     args = failures.child_command(call, files["args"], files["metrics"], files["failure"],
                                   threads=max(1, int(smk.threads or 1)))
-    command = distributed_command(gpus, "lamdagent.failures", args) or [sys.executable, "-m", "lamdagent.failures",
-                                                                         *args]
+    command = distributed_command(gpus, "lamdagent.failures", args)
+    if command is None:  # 0 or 1 GPU: one child process
+        command = [sys.executable, "-m", "lamdagent.failures", *args]
     # The child imports this package the way this job did, even from a bare conda env.
     package_root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))

@@ -144,6 +144,35 @@ def test_a_child_killed_from_outside_is_infrastructure_not_a_failure(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing recorded: the job fails and Snakemake retries it
 
 
+def _gone(pid: int) -> bool:
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:"))
+    except FileNotFoundError:
+        return True
+    return "Z" in state.split()[1]  # a zombie waiting for its new parent to reap it is gone too
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="Linux only")
+def test_the_child_dies_with_its_job(tmp_path):
+    """kill -9 of a job (or of the whole run) leaves no orphan action behind."""
+    pid_file = tmp_path / "child.pid"
+    child = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                                   "time.sleep(120)"]
+    job = (f"from lamdagent import failures; failures.run_action({child!r}, metrics_json={str(tmp_path / 'm')!r}, "
+           f"failure_json={str(tmp_path / 'f')!r}, deadline=300, out_dir={str(tmp_path / 'out')!r})")
+    parent = subprocess.Popen([sys.executable, "-c", job], env=dict(os.environ, PYTHONPATH=str(REPO)))
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(pid)
+
+
 # ---- what the agent and the reports see -----------------------------------------------------
 
 
@@ -268,6 +297,8 @@ def test_a_diverging_action_is_fed_back_and_a_killed_job_is_retried(tmp_path, ti
     config = tiny_config(tiny_model_dir, iterations=2, controller={"type": "transformers", "model": "tiny"})
     config["objects"]["sft_lr"] = [1.0e10]  # every SFT the agent chooses diverges to a NaN loss
     config["action_types"] = {"sft": config["action_types"]["sft"]}
+    del config["models"]["specialist-choice"]  # one specialist is enough here: a minute less
+    config["objects"]["models"].remove("specialist-choice")
     config["resources"]["sft"]["retries"] = 1
     config["failures"] = {"score": -0.5}
     config_path = workdir / "config.yaml"
@@ -300,7 +331,8 @@ def test_a_diverging_action_is_fed_back_and_a_killed_job_is_retried(tmp_path, ti
         assert "TrainingDiverged" in step["failure"]["log_tail"]
         record = read_json(results / "agent" / f"iter_{step['iteration']}" / "step.json")
         assert record["failure"]["reason"] == step["failure"]["reason"]
-        assert sorted(p.name for p in (results / "models" / step["model"]).iterdir()) == ["failure.json"]
+        assert [p.name for p in (results / "models" / step["model"]).iterdir()
+                if p.name != ".snakemake_timestamp"] == ["failure.json"]
         assert not (results / "scores" / f"{step['model']}.json").exists()
     # ... and the failed model was no candidate of the next step.
     proposal = read_json(results / "agent" / "iter_2" / "proposal.json")
