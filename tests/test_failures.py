@@ -124,6 +124,29 @@ def test_a_time_limit_is_recorded_and_the_child_is_stopped(tmp_path, tiny_model_
     assert not list(Path(smk.log[0]).parent.glob("*.metrics.json"))
 
 
+def test_a_merge_that_succeeds_in_its_child_is_a_model(tmp_path, tiny_model_dir):
+    import shutil
+
+    parents = {}
+    for name in ("a", "b"):  # two distinct directories: mergekit refuses one listed twice
+        parents[name] = tmp_path / name
+        shutil.copytree(tiny_model_dir, parents[name])
+    recipe = make_recipe("ties_merging", ("tiny", "a", "b", [0.5, 0.5], 0.5), datasets={}, training={},
+                         merging=DEFAULTS["merging"], seed=0)
+    atomic_write_json(tmp_path / "recipe.json", recipe)
+    smk = SimpleNamespace(
+        rule="ties_merging", threads=1, resources=SimpleNamespace(runtime=10, gpu=0),
+        config=dict(copy.deepcopy(DEFAULTS), models={}, seed=0),
+        input=SimpleNamespace(recipe=str(tmp_path / "recipe.json"), base_model=str(tiny_model_dir),
+                              model_a=str(parents["a"]), model_b=str(parents["b"])),
+        output=SimpleNamespace(model=str(tmp_path / "models" / model_id(recipe))),
+        log=[str(tmp_path / "logs" / "ties.log")], wildcards=SimpleNamespace(hash=model_id(recipe)[-16:]))
+    jobs.ties_merging(smk)
+    out = Path(smk.output.model)
+    assert failures.read_failure(out) is None and (out / "config.json").is_file() and (out / "lineage.json").is_file()
+    assert read_json(out / "lineage.json")["run"]["metrics"]["method"] == "ties"
+
+
 def test_a_failed_input_model_fails_the_action_unrun(tmp_path, tiny_model_dir):
     parent = tmp_path / "models" / "sft-0123456789abcdef"
     failures.write_failure(parent, {"model": parent.name, "reason": REASON})
