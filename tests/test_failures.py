@@ -208,7 +208,7 @@ def failed_step(iteration=1, model="sft-aaaaaaaaaaaaaaaa") -> dict:
     proposal = {"iteration": iteration, "model": model, "action": "sft", "pipeline": "sft(base, arith)",
                 "objects": {"model": "base"}, "controller": "random", "fallback": {}, "repeat_of": None}
     outcome = {"models": {model: {"status": "failed", "failure": dict(FAILURE, model=model)}}}
-    return jobs._apply_outcome(proposal, outcome, CONFIG)
+    return jobs._apply_outcome(proposal, outcome, CONFIG, {})
 
 
 def test_a_failed_step_gets_the_failure_score_reason_and_log_tail(tmp_path):
