@@ -267,6 +267,21 @@ def test_memory_update_notes_the_failure_score():
     assert f"action sft failed: {REASON}" in echo.prompts[0]
 
 
+def test_with_k_proposals_only_the_failed_one_counts_as_failed():
+    from lamdagent.memory import step_note
+
+    built = "sft-bbbbbbbbbbbbbbbb"
+    outcome = {"models": {FAILURE["model"]: {"status": "failed", "failure": FAILURE}, built: {"status": "done"}}}
+    score = {"s_multi": 0.4, "tasks": {"arith": 0.4}}
+    records = [jobs._apply_outcome({"iteration": 1, "index": i, "model": m, "action": "sft", "pipeline": f"p{i}"},
+                                   outcome, CONFIG, {built: score}) for i, m in enumerate([FAILURE["model"], built])]
+    assert [r["status"] for r in records] == ["failed", "done"] and records[1]["score"] == score
+    assert records[0]["score"]["s_multi"] == -1.0
+    assert "Best so far: p1 (score 0.400)" in summary_memory(HISTORY, records)
+    assert f"p0: action sft failed: {REASON}" in summary_memory(HISTORY, records)
+    assert step_note(records, HISTORY).startswith("Note: p0: the action failed")
+
+
 def test_failed_models_leave_the_pool_and_the_reports(tmp_path, monkeypatch):
     base, special, failed_special = "base", "sft-1111111111111111", "sft-2222222222222222"
     pool = Pool(candidates={"base_models": [base], "models": [base, special, failed_special], "lr": [1e-3]},
