@@ -65,6 +65,7 @@ rule sft_lora:
     threads: config["resources"]["sft_lora"]["threads"]
     resources:
         **resources_of("sft_lora"),
+    retries: config["resources"]["sft_lora"]["retries"]
     log:
         "results/logs/sft_lora/{hash}.log",
     benchmark:
@@ -83,6 +84,7 @@ rule dpo:
     threads: config["resources"]["dpo"]["threads"]
     resources:
         **resources_of("dpo"),
+    retries: config["resources"]["dpo"]["retries"]
     log:
         "results/logs/dpo/{hash}.log",
     benchmark:
@@ -101,6 +103,7 @@ rule linear:
     threads: config["resources"]["linear"]["threads"]
     resources:
         **resources_of("linear"),
+    retries: config["resources"]["linear"]["retries"]
     log:
         "results/logs/linear/{hash}.log",
     benchmark:
@@ -119,6 +122,7 @@ rule task_arithmetic:
     threads: config["resources"]["task_arithmetic"]["threads"]
     resources:
         **resources_of("task_arithmetic"),
+    retries: config["resources"]["task_arithmetic"]["retries"]
     log:
         "results/logs/task_arithmetic/{hash}.log",
     benchmark:
@@ -137,6 +141,7 @@ rule dare_ties:
     threads: config["resources"]["dare_ties"]["threads"]
     resources:
         **resources_of("dare_ties"),
+    retries: config["resources"]["dare_ties"]["retries"]
     log:
         "results/logs/dare_ties/{hash}.log",
     benchmark:
@@ -155,6 +160,7 @@ rule slerp:
     threads: config["resources"]["slerp"]["threads"]
     resources:
         **resources_of("slerp"),
+    retries: config["resources"]["slerp"]["retries"]
     log:
         "results/logs/slerp/{hash}.log",
     benchmark:

@@ -158,7 +158,7 @@ def wide_config(tiny_model_dir: Path) -> dict:
         "training": {"epochs": 1, "batch_size": 8, "max_length": 128},
         "report": {"top_k": 1},
         "resources": {
-            family: {"gpu": 0, "cpus_per_gpu": 1, "threads": 1, "mem_mb": 2000, "runtime": 10}
+            family: {"gpu": 0, "cpus_per_gpu": 1, "threads": 1, "mem_mb": 2000, "runtime": 10, "retries": 0}
             for family in (*NEW_ACTIONS, "sft", "ties_merging", "evaluate", "import_model")
         },
     })
