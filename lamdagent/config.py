@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "memory": {"max_words": 120, "initial": "No results yet."},
     "generated_models_join": ["models"],
+    "keep_top_k": None,  # off: every model keeps its weights
     "training": {"epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1, "max_length": 512,
                  "precision": "auto", "lr_scheduler_type": "linear", "warmup_ratio": 0.0},
     "merging": {"dtype": "float32", "normalize": True},

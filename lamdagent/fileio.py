@@ -8,6 +8,7 @@ never half of one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -74,7 +75,14 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     half-written ``results/models/<id>/`` that a later step could load.
     """
     out_dir = Path(out_dir)
+    if out_dir.name.endswith(".partial") and out_dir.is_dir():
+        yield out_dir  # already the scratch of an enclosing atomic_directory, which renames it
+        return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A SIGKILL skips the clean-up below; the scratch of a killed earlier attempt at the same
+    # directory is garbage (Snakemake runs one job per output at a time), so it goes now.
+    for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
     os.chmod(scratch, 0o777 & ~_UMASK)  # mkdtemp creates 0700
     try:

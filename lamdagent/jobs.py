@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .fileio import atomic_write_json, atomic_write_text, read_json, write_jsonl
+from .fileio import atomic_directory, atomic_write_json, atomic_write_text, read_json, write_jsonl
 
 
 @contextlib.contextmanager
@@ -51,7 +51,7 @@ def _wants_torch(smk) -> bool:
     # Importing torch costs ~2 s of CPU per job: the agent rules need it only for a local LLM controller.
     if smk.rule in {"propose", "update_memory"}:
         return smk.config["controller"]["type"] == "transformers"
-    return smk.rule in {*ACTIONS, "import_model", "evaluate"}
+    return smk.rule in {*ACTIONS, "import_model", "restore_model", "evaluate"}
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -81,16 +81,16 @@ def import_model(smk):
     from .lineage import record_base, start_clock, stop_clock
 
     spec = dict(smk.params.spec)
-    with job_context(smk):
+    # Staged, lineage and card included, then renamed: a kill never leaves a base without its record.
+    with job_context(smk), atomic_directory(smk.output.model) as staged:
         clock = start_clock()
         if spec["source"] == "embedded":
-            import_embedded_smollm2(smk.output.model)
+            import_embedded_smollm2(staged)
         elif spec["source"] == "hub":
-            import_hub_model(spec["repo"], smk.output.model, revision=spec.get("revision"),
-                             dtype=spec.get("dtype", "auto"))
+            import_hub_model(spec["repo"], staged, revision=spec.get("revision"), dtype=spec.get("dtype", "auto"))
         else:
             raise ValueError(f"models.{smk.wildcards.name}: source {spec['source']!r} needs no import")
-        record_base(smk.output.model, smk.wildcards.name, spec, stop_clock(clock))
+        record_base(staged, smk.wildcards.name, spec, stop_clock(clock), final_dir=smk.output.model)
 
 
 def _store_recipe(smk, recipe: dict, usage: dict, **run) -> None:
@@ -172,6 +172,7 @@ def _train(smk):
     method = TRAIN_METHOD[recipe["action"]]
     # The same mapping from recipe to trainer arguments that `lamdagent rebuild` uses.
     kwargs = sft_kwargs(recipe, smk.input.model, smk.input.dataset, smk.output.model)
+    _require_weights(smk.input.model)
     with job_context(smk):
         clock = start_clock()
         gpus = gpu_count(smk.resources)
@@ -214,6 +215,7 @@ def _merge(smk):
 
     recipe = read_json(smk.input.recipe)
     parents = {s.name: getattr(smk.input, s.name) for s in action_spec(recipe["action"]).slots if s.kind == "model"}
+    _require_weights(*parents.values())
     with job_context(smk):
         clock = start_clock()
         metrics = _run_action(smk, recipe["action"], "lamdagent.merge:merge", merge_kwargs(recipe, parents,
@@ -224,6 +226,27 @@ def _merge(smk):
         _store_recipe(smk, recipe, stop_clock(clock), device=metrics["device"],
                       precision=merge_precision(recipe["params"]["dtype"]), gpus=int(metrics["device"] != "cpu"),
                       metrics=metrics)
+
+
+def restore_model(smk):
+    from .prune import restore, write_restored
+
+    local = {name: spec["path"] for name, spec in smk.config["models"].items() if spec.get("source") == "local"}
+    with job_context(smk):
+        rebuilt = restore(smk.wildcards.model, results="results", config=smk.config, model_dirs=local)
+        write_restored(smk.output.restored, smk.wildcards.model, rebuilt)
+
+
+def _require_weights(*model_dirs) -> None:
+    """A pruned input (keep_top_k) is restored by rule restore_model before its consumers run;
+    reaching here without weights means that flag is stale, so say how to get them back."""
+    from .prune import is_pruned
+
+    for model_dir in model_dirs:
+        if is_pruned(model_dir):
+            name = Path(model_dir).name
+            raise RuntimeError(f"{model_dir}: its weights were removed by keep_top_k; rebuild them with "
+                               f"`snakemake --force results/restored/{name}/user.json`")
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -237,6 +260,7 @@ def evaluate(smk):
 
     settings = smk.config["evaluation"]
     tasks = list(split_tasks(smk.config["eval_tasks"], smk.wildcards.split).values())
+    _require_weights(smk.input.model)
     with job_context(smk):
         failure = read_failure(smk.input.model)
         if failure is not None:  # the workflow never asks for it; an explicit target gets a clear error
@@ -327,6 +351,7 @@ def outcome(smk):
 def initial_step(smk):
     from .objects import Pool
     from .plan import write_plan
+    from .prune import prune_after_step
     from .recipe import RecipeStore, pipeline_text
 
     store = RecipeStore("results/recipes")
@@ -342,7 +367,8 @@ def initial_step(smk):
                 "pipeline": pool.label(model),
                 "pipeline_full": pipeline_text(model, store, pool.labels, full=True),
             }, outcome, smk.config, scores))
-        atomic_write_json(smk.output.step, {"iteration": 0, "initial": entries})
+        pruned = prune_after_step(smk.config, "results", entries, 0)
+        atomic_write_json(smk.output.step, {"iteration": 0, "initial": entries, "pruned": pruned})
         atomic_write_text(smk.output.memory, smk.config["memory"]["initial"].strip() + "\n")
         write_plan("results/agent", "results/plan.yaml")
 
@@ -373,6 +399,7 @@ def update_memory(smk):
     from .agent import CallLog
     from .memory import update_memory as run_update
     from .plan import iteration_record, step_entries, write_plan
+    from .prune import prune_after_step
 
     iteration = int(smk.wildcards.iteration)
     k = smk.config["proposals_per_iteration"]
@@ -391,7 +418,10 @@ def update_memory(smk):
             record["fallback"]["memory_update"] = fallback
         write_jsonl(smk.output.calls, log.calls)
         atomic_write_text(smk.output.memory, new_memory.strip() + "\n")
-        atomic_write_json(smk.output.step, iteration_record(iteration, records, k, calls_memory=log.totals()))
+        # Before the step is written: the next proposal sees only what is left.
+        pruned = prune_after_step(smk.config, "results", history + records, iteration)
+        atomic_write_json(smk.output.step, iteration_record(iteration, records, k, calls_memory=log.totals(),
+                                                            pruned=pruned))
         write_plan("results/agent", "results/plan.yaml")
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .fileio import atomic_write_json, atomic_write_text, read_json, sha256_file
+from .fileio import atomic_directory, atomic_write_json, atomic_write_text, read_json, sha256_file
 
 LINEAGE_FILE = "lineage.json"
 CARD_FILE = "README.md"
@@ -326,8 +326,11 @@ def dataset_node(name: str, path: str | os.PathLike, spec: dict | None, config: 
 
 def build_lineage(model_dir: str | os.PathLike, recipe: dict, *, parents: dict[str, str | os.PathLike],
                   datasets: dict[str, str | os.PathLike], config: dict, usage: dict, device: str = "cpu",
-                  precision: str = "fp32", processes: int = 1, gpus: int = 0, metrics: dict | None = None) -> dict:
+                  precision: str = "fp32", processes: int = 1, gpus: int = 0, metrics: dict | None = None,
+                  final_dir: str | os.PathLike | None = None) -> dict:
     """The record of a model just built from ``recipe``.
+
+    ``final_dir`` is where the directory will live when ``model_dir`` is a staging directory.
 
     ``parents`` and ``datasets`` map the recipe's slots to the directories and files that were used;
     ``config`` supplies the named models' and datasets' sources, the data seed and sizes.
@@ -349,7 +352,7 @@ def build_lineage(model_dir: str | os.PathLike, recipe: dict, *, parents: dict[s
         "lineage_version": LINEAGE_VERSION,
         "kind": "built",
         "model": model_id(recipe),
-        "dir": str(Path(model_dir).resolve()),
+        "dir": str(Path(final_dir or model_dir).resolve()),
         "recipe": recipe,
         "files": files,
         "parents": parent_nodes,
@@ -375,11 +378,14 @@ def write_lineage(model_dir: str | os.PathLike, lineage: dict) -> Path:
     return path
 
 
-def record_base(model_dir: str | os.PathLike, name: str, spec: dict | None, usage: dict) -> dict:
-    """What ``import_model`` does once a named model is in place: its own ``lineage.json`` (source,
-    file hashes, the import run) and a model card, so a base directory is audited like a built one."""
+def record_base(model_dir: str | os.PathLike, name: str, spec: dict | None, usage: dict,
+                final_dir: str | os.PathLike | None = None) -> dict:
+    """What ``import_model`` does once a named model is written: its own ``lineage.json`` (source,
+    file hashes, the import run) and a model card, so a base directory is audited like a built one.
+    ``final_dir`` is where the directory will live when ``model_dir`` is a staging directory."""
     lineage = {**base_node(name, model_dir, spec), "run": usage, "code": code_version(),
                "packages": package_versions(), "hardware": hardware()}
+    lineage["dir"] = str(Path(final_dir or model_dir).resolve())
     write_lineage(model_dir, lineage)
     atomic_write_text(Path(model_dir) / CARD_FILE, model_card(lineage))
     return lineage
@@ -397,7 +403,11 @@ def refresh_card(model_dir: str | os.PathLike, scores: dict[str, dict]) -> bool:
 
 
 def record_model(model_dir: str | os.PathLike, recipe: dict, **kwargs) -> dict:
-    """What a model job does once the model is in place: ``recipe.json``, ``lineage.json``, ``README.md``."""
+    """What a model job does once the weights are written: ``recipe.json``, ``lineage.json``, ``README.md``.
+
+    ``build_step`` (rebuild, restore) calls it on the staging directory before the rename; a job
+    killed between its rename and this is rerun by Snakemake (its output is marked incomplete).
+    """
     atomic_write_json(Path(model_dir) / "recipe.json", recipe)
     lineage = build_lineage(model_dir, recipe, **kwargs)
     write_lineage(model_dir, lineage)
@@ -682,18 +692,21 @@ def build_step(recipe: dict, parents: dict, datasets: dict, out_dir, config: dic
     from .train import TRAINERS
 
     family = action_spec(recipe["action"]).family
-    with measure() as usage:
-        if family == "train":
-            trainer = TRAINERS[TRAIN_METHOD[recipe["action"]]]
-            metrics = trainer(**sft_kwargs(recipe, parents["model"], datasets["dataset"], out_dir))
-            precision, device = metrics["precision"], "cuda" if torch.cuda.is_available() else "cpu"
-        elif family == "merge":
-            metrics = merge(**merge_kwargs(recipe, parents, out_dir))
-            precision, device = merge_precision(recipe["params"]["dtype"]), metrics["device"]
-        else:
-            raise ValueError(f"no builder for action {recipe['action']!r}")
-    return record_model(out_dir, recipe, parents=parents, datasets=datasets, config=config, usage=usage,
-                        device=device, precision=precision, gpus=int(device != "cpu"), metrics=metrics)
+    # Staged with its lineage, then renamed: the directory appears complete or not at all.
+    with atomic_directory(out_dir) as staged:
+        with measure() as usage:
+            if family == "train":
+                trainer = TRAINERS[TRAIN_METHOD[recipe["action"]]]
+                metrics = trainer(**sft_kwargs(recipe, parents["model"], datasets["dataset"], staged))
+                precision, device = metrics["precision"], "cuda" if torch.cuda.is_available() else "cpu"
+            elif family == "merge":
+                metrics = merge(**merge_kwargs(recipe, parents, staged))
+                precision, device = merge_precision(recipe["params"]["dtype"]), metrics["device"]
+            else:
+                raise ValueError(f"no builder for action {recipe['action']!r}")
+        return record_model(staged, recipe, parents=parents, datasets=datasets, config=config, usage=usage,
+                            device=device, precision=precision, gpus=int(device != "cpu"), metrics=metrics,
+                            final_dir=out_dir)
 
 
 def _config_from_tree(lineage: dict) -> dict:

@@ -6,6 +6,7 @@ from lamdagent.actions import ACTIONS, DATASET_KINDS
 from lamdagent.fileio import read_json
 from lamdagent.objects import Pool
 from lamdagent.plan import step_entries
+from lamdagent.prune import is_pruned
 from lamdagent.recipe import RecipeStore, is_built_id
 
 # A bad config stops here, at parse time, before any job: one line naming the key.
@@ -48,6 +49,20 @@ def model_dir(model):
     if spec.get("source") == "local":
         return os.path.normpath(spec["path"])
     return f"{RESULTS}/models/{model}"
+
+
+def model_input(model, consumer, output):
+    """A model's directory and, when keep_top_k removed its weights and the consumer (whose output is
+    ``output``) still has to run, the flag of rule restore_model that rebuilds them first.
+
+    A consumer that already ran never gets the flag (its input list, which Snakemake compares with
+    the recorded one, stays the same); one that restored keeps it, since the flag stays.
+    """
+    path = model_dir(model)
+    flag = f"{RESULTS}/restored/{model}/{consumer}.json"
+    if os.path.exists(flag) or (is_pruned(path) and not os.path.exists(output)):
+        return {"dir": path, "restored": flag}
+    return {"dir": path}
 
 
 def controller_inputs():
@@ -106,7 +121,10 @@ def built_model_inputs(action):
         named = {"recipe": str(RECIPES.path(model))}
         for slot in spec.slots:
             if slot.kind == "model":
-                named[slot.name] = model_dir(recipe["inputs"][slot.name])
+                parent = model_input(recipe["inputs"][slot.name], model, f"{RESULTS}/models/{model}")
+                named[slot.name] = parent["dir"]
+                if "restored" in parent:
+                    named[f"{slot.name}_restored"] = parent["restored"]
             elif slot.is_dataset:
                 named[slot.name] = f"{RESULTS}/datasets/{recipe['inputs'][slot.name]['name']}.jsonl"
         return named
@@ -114,11 +132,23 @@ def built_model_inputs(action):
     return inputs
 
 
+def restore_inputs(wildcards):
+    """The recipe and its datasets; the parents' weights are rebuilt in the job itself when pruned too."""
+    recipe = RECIPES.load(wildcards.model)
+    named = {"recipe": str(RECIPES.path(wildcards.model))}
+    for slot in ACTIONS[recipe["action"]].slots:
+        if slot.is_dataset:
+            named[slot.name] = f"{RESULTS}/datasets/{recipe['inputs'][slot.name]['name']}.jsonl"
+    return named
+
+
 # ---- evaluation -------------------------------------------------------------------------------
 
 
 def evaluate_inputs(wildcards):
-    inputs = {"model": model_dir(wildcards.model)}
+    split = wildcards.split
+    model = model_input(wildcards.model, f"evaluate-{split}", f"{RESULTS}/evals/{wildcards.model}/{split}.json")
+    inputs = {"model": model["dir"], **({"restored": model["restored"]} if "restored" in model else {})}
     data = []
     for task in eval_task_names():
         data += [f"{RESULTS}/data/{task}/{s}.jsonl" for s in (["val"] if wildcards.split == "val" else ["test", "ood"])]

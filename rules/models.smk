@@ -169,3 +169,26 @@ rule slerp:
         "../envs/merge.yaml"
     script:
         "../scripts/slerp.py"
+
+
+# keep_top_k removes the weights of models outside the top-k (lamdagent/prune.py); a job that needs
+# them again depends on this flag, which rebuilds them in place from the recipe (sha256 checked).
+rule restore_model:
+    input:
+        unpack(restore_inputs),
+    output:
+        restored="results/restored/{model}/{consumer}.json",
+    wildcard_constraints:
+        model=f"(?:{BUILT_ID})[0-9a-f]{{16}}",
+        consumer="[A-Za-z0-9_.-]+",
+    threads: config["resources"]["sft"]["threads"]
+    resources:
+        **resources_of("sft"),
+    log:
+        "results/logs/restore_model/{model}.{consumer}.log",
+    benchmark:
+        "results/benchmarks/restore_model/{model}.{consumer}.tsv"
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/restore_model.py"

@@ -80,6 +80,8 @@ BAD = [
     ("data", "DELETE", "data"),
     ("training.precision", "int4", "training.precision"),
     ("generated_models_join", ["sft_dataset"], "generated_models_join[0]"),
+    ("keep_top_k", 0, "keep_top_k"),
+    ("keep_top_k", "two", "keep_top_k"),
     ("unknown_top_level", 1, "unknown key"),
     ("proposals_per_iteration", 0, "proposals_per_iteration"),
     ("proposals_per_iteration", 2.5, "proposals_per_iteration"),
