@@ -72,21 +72,3 @@ def distributed_command(n_gpus: int, module: str, args: list[str], *, main_port:
         cmd += ["--master-addr=127.0.0.1", f"--master-port={int(main_port)}"]
     cmd += ["--nnodes=1", f"--nproc-per-node={n_gpus}", "-m", module]
     return cmd + [str(arg) for arg in args]
-
-
-def train_command(n_gpus: int, args_json: str, *, method: str = "sft", metrics_json: str | None = None,
-                  main_port: int | None = None) -> list[str] | None:
-    """``distributed_command`` for the training actions' entry point (``python -m lamdagent.train``);
-    ``method`` is sft (sft and sft_lora) or dpo."""
-    args = ["--args-json", str(args_json)]
-    if method != "sft":
-        args += ["--method", method]
-    if metrics_json is not None:
-        args += ["--metrics-json", str(metrics_json)]
-    return distributed_command(n_gpus, "lamdagent.train", args, main_port=main_port)
-
-
-def sft_command(n_gpus: int, args_json: str, *, metrics_json: str | None = None,
-                main_port: int | None = None) -> list[str] | None:
-    """``train_command`` of the SFT action."""
-    return train_command(n_gpus, args_json, metrics_json=metrics_json, main_port=main_port)

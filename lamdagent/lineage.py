@@ -885,13 +885,13 @@ def model_card(lineage: dict, scores: dict[str, dict] | None = None) -> str:
     weights = weight_files(lineage["files"])
     lines += ["", "## Lineage", "",
               f"- Datasets: {', '.join(datasets) or 'none'}",
-              f"- Base weights: " + "; ".join(
+              "- Base weights: " + "; ".join(
                   f"{b['model']} ({', '.join(f'{k} sha256 {v}' for k, v in weight_files(b['files']).items())})"
                   for b in bases),
-              f"- Weights: " + "; ".join(f"{k} sha256 {v}" for k, v in weights.items()),
+              "- Weights: " + "; ".join(f"{k} sha256 {v}" for k, v in weights.items()),
               f"- Code: lamdagent {code.get('version')}, commit {code.get('git_commit') or 'unknown'}"
               + (" (uncommitted changes)" if code.get("git_dirty") else ""),
-              f"- Packages: " + ", ".join(f"{k} {v}" for k, v in lineage["packages"].items()),
+              "- Packages: " + ", ".join(f"{k} {v}" for k, v in lineage["packages"].items()),
               f"- Hardware: {lineage['hardware'].get('cpu')}; {lineage['hardware'].get('torch_device', '?')}"
               + (f" ({', '.join(lineage['hardware']['gpus'])})" if lineage["hardware"].get("gpus") else ""),
               f"- Bit-identical rebuild: {'yes' if tree_bit_reproducible(lineage) else 'no'} — "

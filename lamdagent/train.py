@@ -7,24 +7,18 @@ other, and the adapter is kept in ``adapter/``. DPO trains on conversational (pr
 rejected) triples against a frozen copy of the starting model. The result is a plain HF directory
 (model, tokenizer, chat template, ``training_log.json``) written atomically by the main process.
 
-Run in-process by calling :func:`sft` or :func:`dpo`, or on several GPUs through the module entry
-point that ``lamdagent.launch.distributed_command`` builds::
-
-    torchrun --standalone --nproc_per_node=4 -m lamdagent.train --args-json sft_args.json [--method dpo]
+A job runs them in a child process (``python -m lamdagent.failures --call lamdagent.train:sft``,
+under torchrun with one worker per GPU on several GPUs): see ``lamdagent.failures``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 from .fileio import atomic_directory, atomic_write_json, read_jsonl, read_jsonl_lines
 
@@ -346,42 +340,3 @@ def dpo(model_dir, dataset_path, out_dir, *, learning_rate: float, beta: float, 
         if key in last:
             metrics[key.replace("/", "_")] = float(last[key])
     return metrics
-
-
-TRAINERS = {"sft": sft, "dpo": dpo}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m lamdagent.train`` (and of torchrun/accelerate launches)."""
-    parser = argparse.ArgumentParser(prog="python -m lamdagent.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--args-json", required=True, help="JSON object of the trainer's keyword arguments")
-    parser.add_argument("--method", choices=sorted(TRAINERS), default="sft", help="sft (also LoRA) or dpo")
-    parser.add_argument("--metrics-json", help="where the main process writes the returned metrics")
-    ns = parser.parse_args(argv)
-    kwargs: dict[str, Any] = json.loads(Path(ns.args_json).read_text(encoding="utf-8"))
-    if not isinstance(kwargs, dict):
-        raise SystemExit(f"{ns.args_json}: expected a JSON object of {ns.method}() keyword arguments")
-    started = time.time()
-    metrics = TRAINERS[ns.method](**kwargs)
-    metrics["wall_s"] = time.time() - started
-    if _is_main_process():
-        if ns.metrics_json:
-            atomic_write_json(ns.metrics_json, metrics)
-        print(json.dumps(metrics), file=sys.stdout)
-    _destroy_process_group()
-    return 0
-
-
-def _destroy_process_group() -> None:
-    # torchrun workers otherwise warn (or hang on some NCCL versions) at exit.
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - exit-time cleanup must not mask the training result
-        pass
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -126,22 +126,23 @@ def test_stale_gguf_quantization_config_is_tolerated(tiny_model_dir, dataset, tm
     assert "quantization_config" not in read_json(tmp_path / "out" / "config.json")
 
 
-def test_module_entry_point_matches_in_process_run(tiny_model_dir, dataset, tmp_path):
-    """``python -m lamdagent.train --args-json`` (what torchrun runs) trains for real, and a fresh
-    process reproduces the in-process weights bit for bit."""
+def test_child_process_entry_point_matches_in_process_run(tiny_model_dir, dataset, tmp_path):
+    """``python -m lamdagent.failures --call lamdagent.train:sft`` (what a job, or torchrun, runs) trains
+    for real, and a fresh process reproduces the in-process weights bit for bit."""
+    from lamdagent.failures import child_command
+
     kwargs = dict(model_dir=str(tiny_model_dir), dataset_path=str(dataset), out_dir=str(tmp_path / "sub"),
                   learning_rate=1e-3, epochs=1, batch_size=4, max_length=64, seed=3)
     args_json = tmp_path / "args.json"
     args_json.write_text(json.dumps(kwargs))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "lamdagent.train", "--args-json", str(args_json),
-         "--metrics-json", str(tmp_path / "metrics.json")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    command = child_command("lamdagent.train:sft", args_json, tmp_path / "metrics.json", tmp_path / "failure.json",
+                            threads=1)
+    done = subprocess.run([sys.executable, "-m", "lamdagent.failures", *command], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_json(tmp_path / "metrics.json")
-    assert metrics["steps"] == 2 and metrics["wall_s"] > 0
+    assert metrics["steps"] == 2 and metrics["wall_s"] > 0 and not (tmp_path / "failure.json").exists()
 
     sft(**{**kwargs, "out_dir": str(tmp_path / "inproc")})
     assert sha256_file(tmp_path / "sub" / "model.safetensors") == sha256_file(tmp_path / "inproc" / "model.safetensors")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e import REPO, run_snakemake, snakemake_command, subprocess_env, write_tiny_config
+from e2e import run_snakemake, snakemake_command, subprocess_env, write_tiny_config
 
 LAMDAGENT = str(Path(sys.executable).with_name("lamdagent"))
 
