@@ -22,6 +22,8 @@ include: "rules/models.smk"
 include: "rules/evaluate.smk"
 include: "rules/agent.smk"
 include: "rules/report.smk"
+include: "rules/scaling.smk"
+include: "rules/baselines.smk"
 
 
 rule all:

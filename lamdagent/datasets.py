@@ -97,5 +97,23 @@ def prepare(spec: dict, out_path: str | Path, *, task_train_files: list[str | Pa
     return dataset_entry(out_path)
 
 
+def resize(spec: dict, rows: int, out_path: str | Path, *, task_train_files: list[str | Path] = ()) -> dict:
+    """The first ``rows`` examples of a dataset's source, for a data-size replay.
+
+    Generated task files are prefixes of each other, so an embedded dataset resized to its own size
+    is the exploration's file again; ``task_train_files`` must hold ``per_task_examples`` rows each.
+    """
+    entry = prepare({**spec, "max_examples": rows}, out_path, task_train_files=task_train_files)
+    if entry["rows"] != rows:
+        raise DatasetError(f"{spec.get('path') or spec.get('repo') or 'the source'} has {entry['rows']} rows, "
+                           f"fewer than the {rows} the scaling study asks for")
+    return entry
+
+
+def per_task_examples(spec: dict, rows: int) -> int:
+    """Training examples per generated task that an embedded dataset of ``rows`` rows interleaves."""
+    return -(-rows // len(spec["tasks"]))
+
+
 def dataset_entry(path: str | Path) -> dict:
     return {"sha256": sha256_file(path), "rows": len(read_jsonl(path)), "path": str(path)}

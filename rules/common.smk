@@ -246,3 +246,96 @@ def card_dir(model):
     """Where a model's card may be rewritten with its scores: never a user's local model directory."""
     return "" if config["models"].get(model, {}).get("source") == "local" else f"{RESULTS}/models/{model}"
 
+
+# ---- scaling studies and baselines (targets `scaling` and `baselines`) -------------------------
+
+SCALING = config["scaling"]
+BASELINES = config["baselines"]
+
+
+def leaderboard_frame():
+    import pandas as pd
+
+    return pd.read_csv(checkpoints.leaderboard.get().output.leaderboard, sep="\t")
+
+
+def resized_dataset_inputs(wildcards):
+    from lamdagent.datasets import per_task_examples
+
+    spec = config["datasets"][wildcards.dataset]
+    if spec["source"] == "embedded":
+        n = per_task_examples(spec, int(wildcards.rows))
+        return {"tasks": [f"{RESULTS}/data/{task}/train.n{n}.jsonl" for task in spec["tasks"]]}
+    return dataset_inputs(wildcards)
+
+
+def replay_data_inputs(wildcards):
+    """The resized datasets the top-k's recipe trees need at every size (read from their recipes)."""
+    from lamdagent import scaling
+
+    board = leaderboard_frame()
+    files = set()
+    for _, model in scaling.ranked_models(board, SCALING["top_k"]):
+        for name, rows in scaling.tree_datasets(model, RECIPES).items():
+            for size in scaling.sizes(SCALING):
+                n = scaling.resized_rows(rows, size)
+                if n != rows:
+                    files.add(f"{RESULTS}/datasets/{scaling.resized_name(name, n)}.jsonl")
+    return {"leaderboard": checkpoints.leaderboard.get().output.leaderboard, "datasets": sorted(files)}
+
+
+def replayed_evals(study, with_sources=False):
+    """Validation and test evaluations of every model a replay checkpoint named."""
+
+    def inputs(wildcards):
+        replays = getattr(checkpoints, f"replay_{study}").get().output.replays
+        models = []
+        for entry in read_json(replays):
+            models += [entry["source"], entry["model"]] if with_sources else [entry["model"]]
+        models = list(dict.fromkeys(models))
+        return {
+            "replays": replays,
+            "evals": [f"{RESULTS}/evals/{m}/{split}.json" for m in models for split in ("val", "test")],
+        }
+
+    return inputs
+
+
+def scaling_targets():
+    targets = ["results/scaling/data.tsv", "results/scaling/kendall.tsv", "results/scaling/data.png"]
+    return targets + (["results/scaling/model.tsv"] if "model" in SCALING else [])
+
+
+def baseline_dataset_inputs(wildcards):
+    full = BASELINES.get("full_sft")
+    return {"pool": f"{RESULTS}/agent/pool.json",
+            "datasets": [f"{RESULTS}/datasets/{full['dataset']}.jsonl"] if full else []}
+
+
+def baseline_models():
+    from lamdagent.fileio import read_json as read
+
+    return [e["model"] for e in read(checkpoints.baseline_recipes.get().output.recipes)]
+
+
+def random_baseline_inputs(wildcards):
+    # After the exploration and the other baselines, so the two Snakemake runs never build one target at once.
+    return {
+        "leaderboard": f"{RESULTS}/leaderboard.tsv",
+        "topk": f"{RESULTS}/report/topk.tsv",
+        "evals": [f"{RESULTS}/evals/{m}/{split}.json" for m in baseline_models() for split in ("val", "test")],
+    }
+
+
+def table1_inputs(wildcards):
+    import pandas as pd
+
+    inputs = {"topk": f"{RESULTS}/report/topk.tsv", "recipes": checkpoints.baseline_recipes.get().output.recipes}
+    models = baseline_models() + list(leaderboard_frame()["model"].head(TOP_K))
+    if BASELINES["random"] is not False:
+        inputs["random_topk"] = checkpoints.random_baseline.get().output.topk
+        random_topk = pd.read_csv(inputs["random_topk"], sep="\t")
+        models += list(random_topk.loc[random_topk["role"] == "top-1", "model"])
+    models = list(dict.fromkeys(models))
+    inputs["evals"] = [f"{RESULTS}/evals/{m}/{split}.json" for m in models for split in ("val", "test")]
+    return inputs
