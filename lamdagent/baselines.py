@@ -39,9 +39,11 @@ def baseline_recipes(config: dict, pool: Pool, datasets: dict[str, dict], store:
     for model_a, model_b in itertools.combinations(specialists, 2):
         for weights, density in itertools.product(ties["weights"], ties["density"]):
             recipe = recipe_for(config, datasets, "ties_merging", [base, model_a, model_b, weights, density])
-            out.append({"role": "ties grid", "model": store.save(recipe)})
+            model = store.save(recipe)
+            out.append({"role": "ties grid", "model": model,
+                        "pipeline": f"{pipeline_text(model, store, pool.labels)} weights={weights}, density={density}"})
     for entry in out:
-        entry["pipeline"] = pipeline_text(entry["model"], store, pool.labels, full=entry["role"] == "ties grid")
+        entry.setdefault("pipeline", pipeline_text(entry["model"], store, pool.labels))
     return out
 
 
