@@ -182,8 +182,11 @@ def plot_data_scaling(data: pd.DataFrame, stem: str | Path) -> list[Path]:
         label = f"#{rank} {pipeline if len(pipeline) <= 48 else pipeline[:45] + '...'}"
         for ax, column in zip(axes, ("val_s_multi", "test_avg")):
             ax.plot(group["train_rows"], group[column], marker="o", label=label)
+    rows = sorted(data["train_rows"].unique())
     for ax, title in zip(axes, ("validation s_multi", "test average")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(rows, [str(r) for r in rows])
+        ax.minorticks_off()
         ax.set_xlabel("training examples along the pipeline")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
