@@ -176,7 +176,6 @@ def _train(smk):
     with job_context(smk):
         clock = start_clock()
         gpus = gpu_count(smk.resources)
-        # train.TRAINERS[method] is the function lamdagent.train.<method>.
         metrics = _run_action(smk, recipe["action"], f"lamdagent.train:{method}", kwargs, gpus=gpus)
         if metrics is None:
             return

@@ -688,15 +688,15 @@ def build_step(recipe: dict, parents: dict, datasets: dict, out_dir, config: dic
     import torch
 
     from .actions import action_spec
+    from . import train
     from .merge import merge
-    from .train import TRAINERS
 
     family = action_spec(recipe["action"]).family
     # Staged with its lineage, then renamed: the directory appears complete or not at all.
     with atomic_directory(out_dir) as staged:
         with measure() as usage:
             if family == "train":
-                trainer = TRAINERS[TRAIN_METHOD[recipe["action"]]]
+                trainer = getattr(train, TRAIN_METHOD[recipe["action"]])
                 metrics = trainer(**sft_kwargs(recipe, parents["model"], datasets["dataset"], staged))
                 precision, device = metrics["precision"], "cuda" if torch.cuda.is_available() else "cpu"
             elif family == "merge":
