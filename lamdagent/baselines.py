@@ -37,7 +37,7 @@ def baseline_recipes(config: dict, pool: Pool, datasets: dict[str, dict], store:
         out.append({"role": "fully fine-tuned", "model": store.save(recipe)})
     ties = settings["ties"]
     for model_a, model_b in itertools.combinations(specialists, 2):
-        for weights, density in itertools.product(ties["weights"], ties["density"]):
+        for weights, density in itertools.product(ties.get("weights", []), ties.get("density", [])):
             recipe = recipe_for(config, datasets, "ties_merging", [base, model_a, model_b, weights, density])
             model = store.save(recipe)
             out.append({"role": "ties grid", "model": model,

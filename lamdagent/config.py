@@ -405,7 +405,8 @@ def _study_defaults(config: dict) -> None:
             full["learning_rate"] = objects_of["learning_rate"][0]
     ties = baselines.setdefault("ties", {})
     for key in ("weights", "density"):
-        ties.setdefault(key, list(objects_of.get(key, [])))  # no ties_merging action: no grid
+        if objects_of.get(key):  # no ties_merging action among the agent's: no grid (and no empty list to validate)
+            ties.setdefault(key, list(objects_of[key]))
     random = baselines.setdefault("random", {})
     if random is not False:
         random.setdefault("iterations", config["iterations"])

@@ -217,3 +217,19 @@ def test_embedded_preference_dataset_is_deterministic(tmp_path):
     right = int(arith["chosen"].rsplit(" ", 1)[1].rstrip("."))
     assert 0 < abs(wrong - right) <= 3
     assert choice["chosen"] != choice["rejected"] and choice["rejected"][:2] == "[[" and choice["rejected"][2] in "ABCD"
+
+
+def test_defaults_filled_in_still_satisfy_the_schema_without_a_ties_action(default_config):
+    """Snakemake validates the config after lamdagent.config.load filled in the defaults: a config
+    whose agent has no ties_merging action must not get an empty (invalid) TIES grid."""
+    import jsonschema
+
+    config = copy.deepcopy(default_config)
+    del config["action_types"]["ties_merging"]
+    for key in ("base_models", "ties_weights", "ties_density"):
+        del config["objects"][key]
+    loaded = load(config, REPO)
+    assert "weights" not in loaded["baselines"]["ties"]
+    schema = yaml.safe_load((REPO / "lamdagent" / "schemas" / "config.schema.yaml").read_text())
+    jsonschema.validate(loaded, schema)
+    jsonschema.validate(load(copy.deepcopy(default_config), REPO), schema)
