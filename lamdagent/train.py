@@ -240,6 +240,54 @@ def _load_for_training(model_dir, log_path):
     return tokenizer, model
 
 
+def full_logits_loss_on(device_is_cuda: bool) -> bool:
+    """Whether SFT computes its loss from the model's full logits instead of trl's fused LM head.
+
+    trl 1.16 computes the SFT loss through a tiled LM-head kernel (``trl/kernels/chunked_logprob.py``)
+    that never materialises the batch x sequence x vocabulary logits: the right trade on a GPU, where
+    memory is the limit. On CPU its tile-by-tile Python forward and backward cost more than the logits
+    they save (benchmarks/RESULTS.md, section 2), so there the loss is one LM-head matmul plus cross
+    entropy. Both are the same loss; which one ran is recorded in the model's lineage."""
+    return not device_is_cuda
+
+
+def _full_logits_sft_trainer():
+    """trl's SFTTrainer with ``compute_loss`` from full logits (trl's documented extension point)."""
+    import torch
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    class FullLogitsSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"]
+            outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+            logits = outputs.logits[:, :-1, :].float()
+            targets = labels[:, 1:]
+            mask = targets != -100
+            # Like trl: the completion tokens' summed NLL over the tokens of the whole accumulated batch.
+            loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+            num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = loss_sum / torch.as_tensor(num_tokens).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages the gradients across ranks
+            self._log_step_metrics(model, inputs, logits.detach(), targets, mask)
+            return (loss, outputs) if return_outputs else loss
+
+        def _log_step_metrics(self, model, inputs, logits, targets, mask):
+            """The figures trl's own compute_loss logs: token accuracy and the running token count."""
+            mode = "train" if model.training else "eval"
+            gather = self.accelerator.gather_for_metrics
+            valid = gather(mask.sum()).sum()
+            correct = gather(((logits.argmax(-1) == targets) & mask).sum()).sum()
+            self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+            if mode == "train":
+                self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    return FullLogitsSFTTrainer
+
+
 def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float = 1, batch_size: int = 8,
         gradient_accumulation_steps: int = 1, max_length: int = 512, seed: int = 42, precision: str = "auto",
         lr_scheduler_type: str = "linear", warmup_ratio: float = 0.0, log_path=None, lora_rank: int | None = None,
@@ -277,7 +325,11 @@ def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float
             completion_only_loss=True,
             packing=False,
         )
-        trainer = SFTTrainer(
+        import torch
+
+        full_logits = full_logits_loss_on(torch.cuda.is_available())
+        trainer_class = _full_logits_sft_trainer() if full_logits else SFTTrainer
+        trainer = trainer_class(
             model=model,
             args=config,
             train_dataset=Dataset.from_list(examples),
@@ -291,6 +343,7 @@ def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float
         shutil.rmtree(scratch_root, ignore_errors=True)
     metrics = _metrics(result, history, steps, mode, examples)
     metrics["trainable_params"] = trainable
+    metrics["loss_head"] = "full_logits" if full_logits else "trl_fused"
     return metrics
 
 

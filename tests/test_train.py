@@ -54,6 +54,34 @@ def test_sft_writes_a_loadable_model_and_is_deterministic(tiny_model_dir, datase
     assert _no_partial_dirs(tmp_path)
 
 
+def test_cpu_full_logits_loss_is_trls_fused_loss(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    """On CPU the loss comes from full logits (trl's fused LM head is slow there): the same loss,
+    the same token count and the same trained weights as trl's own path, to float tolerance."""
+    import torch
+    from safetensors.torch import load_file
+
+    import lamdagent.train as train
+
+    assert train.full_logits_loss_on(device_is_cuda=False) and not train.full_logits_loss_on(device_is_cuda=True)
+    kwargs = dict(learning_rate=1e-3, epochs=1, batch_size=4, max_length=64, seed=7)
+    full = sft(tiny_model_dir, dataset, tmp_path / "full", **kwargs)
+    monkeypatch.setattr(train, "full_logits_loss_on", lambda device_is_cuda: False)
+    fused = sft(tiny_model_dir, dataset, tmp_path / "fused", **kwargs)
+
+    assert (full["loss_head"], fused["loss_head"]) == ("full_logits", "trl_fused")
+    assert full["tokens_seen"] == fused["tokens_seen"] > 0
+    step_losses = [[rec["loss"] for rec in read_json(tmp_path / name / "training_log.json") if "loss" in rec]
+                   for name in ("full", "fused")]
+    assert step_losses[0] == pytest.approx(step_losses[1], rel=1e-4)
+    accuracy = [[rec["mean_token_accuracy"] for rec in read_json(tmp_path / name / "training_log.json")
+                 if "loss" in rec] for name in ("full", "fused")]
+    assert accuracy[0] == pytest.approx(accuracy[1])
+    weights = [load_file(tmp_path / name / "model.safetensors") for name in ("full", "fused")]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-5)
+
+
 def test_sft_learns_the_completions(tiny_model_dir, tmp_path):
     """A few epochs on a fixed answer drive the completion loss far down (the loss is on the answer)."""
     path = tmp_path / "one.jsonl"
