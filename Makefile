@@ -25,8 +25,9 @@ demo: $(STAMP)
 	$(BIN)/lamdagent unlock-stale
 	$(BIN)/snakemake --cores $(CORES)
 
+# One worker per core; worksteal keeps both busy to the end (the slow end-to-end tests go first).
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(CORES) --dist worksteal --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow"

@@ -11,6 +11,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first: with one xdist worker per core, the long ones start at once
+    and the short ones fill the gaps, so no core idles at the end behind a late 5-minute test."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's tokenizer (read once from the embedded GGUF; converting it takes seconds)."""
