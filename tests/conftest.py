@@ -1,4 +1,5 @@
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,19 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow end-to-end tests first: with one xdist worker per core, the long ones start at once
-    and the short ones fill the gaps, so no core idles at the end behind a late 5-minute test."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The slow end-to-end tests first, so that with one xdist worker per core (work stealing) the long
+    ones start at once and the short ones fill the gaps. Among them, modules with several slow tests
+    (they share a module-scoped exploration or cluster) lead: a worker runs the head of its queue
+    itself, while stealing takes from the tail, so such a module is not split over two workers that
+    would each build its fixture."""
+    slow_per_module = Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
+
+    def order(item):
+        if item.get_closest_marker("slow") is None:
+            return (1, 0)
+        return (0, -slow_per_module[item.module.__name__])
+
+    items.sort(key=order)  # stable: collection order within each group
 
 
 @pytest.fixture(scope="session")
