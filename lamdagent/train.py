@@ -304,6 +304,7 @@ def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float
     examples = load_prompt_completion(dataset_path)  # fail on bad data before loading a model
     mode = resolve_precision(precision)
 
+    import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -325,8 +326,6 @@ def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float
             completion_only_loss=True,
             packing=False,
         )
-        import torch
-
         full_logits = full_logits_loss_on(torch.cuda.is_available())
         trainer_class = _full_logits_sft_trainer() if full_logits else SFTTrainer
         trainer = trainer_class(
