@@ -6,6 +6,12 @@ up to ``results/agent/iter_<max k>/step.json``. "Best after k" is the maximum s_
 pool and the models of iterations 1..k (the agent keeps every model, so this is what it has found).
 Prints a table (mean, min and max over seeds) and writes a plot.
 
+The runs share one store of the content-addressed folders (models, recipes, evaluations, data; as
+``snakemake baselines`` shares them with its random run): a recipe two runs choose is built once, and
+the controllers of one seed start from the same initial pool, built once. ``--store`` points it at an
+earlier run's ``results/`` (e.g. the demo's, for its seed). The runs go seed by seed, so a stopped
+benchmark has whole seeds; rerun with the same ``--scratch`` and finished runs cost only a dry check.
+
 The default is the embedded default (config/config.yaml: SmolLM2-135M, three tasks), the `random`
 and `transformers` controllers, 3 seeds, k = 4, 8, 12: hours of CPU. ``--tiny`` is the reduced setting
 that finishes in minutes: the end-to-end tests' tiny random Llama (also as the transformers
@@ -29,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, build_tiny_models, machine, run_workflow  # noqa: E402
 
+from lamdagent.baselines import SHARED_DIRS  # noqa: E402
+
 import yaml  # noqa: E402
 
 
@@ -46,6 +54,30 @@ def best_after(workdir: Path, ks: list[int]) -> dict[int, float]:
         if i in ks:
             out[i] = best
     return out
+
+
+def models_made(workdir: Path, k: int) -> int:
+    """Distinct new models of iterations 1..k (a repeated recipe is the same model, made once)."""
+    from lamdagent.plan import step_entries
+
+    agent = Path(workdir) / "results" / "agent"
+    made = set()
+    for i in range(1, k + 1):
+        for entry in step_entries(json.loads((agent / f"iter_{i}" / "step.json").read_text())):
+            if entry.get("score"):
+                made.add(entry["model"])
+    return len(made)
+
+
+def share_store(workdir: Path, store: Path) -> None:
+    """Link the run's content-addressed folders to the shared store (kept if already linked)."""
+    results = workdir / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    for name in SHARED_DIRS:
+        link, target = results / name, store / name
+        target.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(target.resolve(), target_is_directory=True)
 
 
 def controller_spec(name: str, base: dict, tiny: bool) -> dict:
@@ -107,6 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--plot", type=Path, default=Path("search_efficiency.png"))
     parser.add_argument("--scratch", type=Path)
+    parser.add_argument("--store", type=Path, help="the shared content-addressed folders (default: <scratch>/store)")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     ks = sorted(set(args.k))
@@ -118,20 +151,22 @@ def main(argv=None) -> int:
     print(f"setting: {setting}; controllers {args.controllers}; seeds {args.seeds}; k {ks}")
     try:
         base, _ = run_config(args)
-        table: dict[str, dict[int, dict[int, float]]] = {}
-        for controller in args.controllers:
-            for seed in args.seeds:
+        store = args.store or args.scratch / "store"
+        table: dict[str, dict[int, dict[int, float]]] = {controller: {} for controller in args.controllers}
+        for seed in args.seeds:
+            for controller in args.controllers:
                 workdir = args.scratch / f"{controller}-seed{seed}"
                 config = dict(base, seed=seed, iterations=max(ks),
                               controller=controller_spec(controller, base.get("controller", {}), args.tiny))
-                workdir.mkdir(parents=True, exist_ok=True)
+                share_store(workdir, store)
                 config_path = workdir / "config.yaml"
                 config_path.write_text(yaml.safe_dump(config, sort_keys=False))
                 started = time.perf_counter()
                 run_workflow(workdir, config_path, f"results/agent/iter_{max(ks)}/step.json", cores=args.cores)
-                table.setdefault(controller, {})[seed] = best_after(workdir, ks)
-                print(f"{controller} seed {seed}: {table[controller][seed]} ({time.perf_counter() - started:.0f} s)",
-                      flush=True)
+                table[controller][seed] = best_after(workdir, ks)
+                print(f"{controller} seed {seed}: best {table[controller][seed]}, "
+                      f"{models_made(workdir, max(ks))} new models ({time.perf_counter() - started:.0f} s; "
+                      f"{machine()})", flush=True)
         print("\n| controller | " + " | ".join(f"best after {k} (mean [min, max])" for k in ks) + " |")
         print("|---|" + "---|" * len(ks))
         for controller, per_seed in table.items():

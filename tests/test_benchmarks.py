@@ -62,3 +62,31 @@ def test_best_after_k_iterations(tmp_path):
     write_step(agent, 3, {"iteration": 3, "k": 2, "steps": [{"model": "m3", "score": {"s_multi": 0.9}},
                                                             {"model": "m4", "score": {"s_multi": 0.1}}]})
     assert best_after(tmp_path, [1, 2, 3]) == {1: 0.5, 2: 0.5, 3: 0.9}
+
+
+def test_models_made_counts_a_repeated_recipe_once_and_no_failed_step(tmp_path):
+    from search_efficiency import models_made
+
+    agent = tmp_path / "results" / "agent"
+    write_step(agent, 0, {"iteration": 0, "initial": [{"model": "spec", "score": {"s_multi": 0.5}}]})
+    write_step(agent, 1, {"iteration": 1, "model": "m1", "score": {"s_multi": 0.4}})
+    write_step(agent, 2, {"iteration": 2, "model": "m1", "score": {"s_multi": 0.4}})  # the same recipe again
+    write_step(agent, 3, {"iteration": 3, "model": "m2", "status": "failed", "score": None})
+    write_step(agent, 4, {"iteration": 4, "model": "m3", "score": {"s_multi": 0.1}})
+    assert [models_made(tmp_path, k) for k in (1, 3, 4)] == [1, 1, 2]
+
+
+def test_runs_share_the_content_addressed_folders(tmp_path):
+    from search_efficiency import share_store
+
+    from lamdagent.baselines import SHARED_DIRS
+
+    store = tmp_path / "store"
+    for run in ("random-seed0", "transformers-seed0"):
+        share_store(tmp_path / run, store)
+        share_store(tmp_path / run, store)  # a rerun keeps the links
+    (tmp_path / "random-seed0" / "results" / "models" / "m1").mkdir()
+    for name in SHARED_DIRS:
+        assert (tmp_path / "transformers-seed0" / "results" / name).resolve() == (store / name).resolve()
+    assert (tmp_path / "transformers-seed0" / "results" / "models" / "m1").is_dir()
+    assert not (tmp_path / "random-seed0" / "results" / "agent").exists()  # per-run, not shared
