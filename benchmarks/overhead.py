@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import build_tiny_models, job_times, machine, run_workflow, stage_totals  # noqa: E402
 
+import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 
@@ -65,6 +66,47 @@ def dry_run_s(workdir: Path, config_path: Path, target: str, cores: int, profile
     return time.perf_counter() - started
 
 
+def job_intervals(workdir: Path) -> pd.DataFrame:
+    """Every job's (name, start, end) from its benchmark file: written when the job ends, so it ran
+    from mtime - s to mtime."""
+    rows = []
+    for path in sorted((Path(workdir) / "results" / "benchmarks").rglob("*.tsv")):
+        table = pd.read_csv(path, sep="\t")
+        if table.empty or "s" not in table:
+            continue
+        end = path.stat().st_mtime
+        rows.append({"name": str(path.relative_to(path.parents[1])), "start": end - float(table["s"].sum()), "end": end})
+    return pd.DataFrame(rows, columns=["name", "start", "end"])
+
+
+def per_iteration_overhead(workdir: Path, iterations: int) -> pd.DataFrame:
+    """Iteration i's span (its propose job's start to the next one's, or to the last job's end) minus
+    the time of the jobs in it: the orchestration's cost of each iteration, to see whether it grows
+    with i (a DAG re-evaluation touching all earlier steps would make it). The jobs form one chain, so
+    the jobs of a span are those that start in it."""
+    jobs = job_intervals(workdir)
+    starts = [float(jobs.loc[jobs["name"] == f"agent/propose_{i}.tsv", "start"].iloc[0])
+              for i in range(1, iterations + 1)]
+    bounds = starts + [float(jobs["end"].max())]
+    rows = []
+    for i in range(iterations):
+        inside = jobs[(jobs["start"] >= bounds[i]) & (jobs["start"] < bounds[i + 1])]
+        span = bounds[i + 1] - bounds[i]
+        rows.append({"iteration": i + 1, "span_s": span, "job_s": float((inside["end"] - inside["start"]).sum()),
+                     "overhead_s": span - float((inside["end"] - inside["start"]).sum())})
+    return pd.DataFrame(rows)
+
+
+def growth_line(per_iteration: pd.DataFrame) -> dict:
+    """Least-squares overhead_i = a + b * i, and the quarters' medians: b ~ 0 is a linear total."""
+    x, y = per_iteration["iteration"].astype(float), per_iteration["overhead_s"]
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    quarter = max(1, len(per_iteration) // 4)
+    return {"slope_s_per_iteration": slope, "intercept_s": float(y.mean() - slope * x.mean()),
+            "first_quarter_median_s": float(y.head(quarter).median()),
+            "last_quarter_median_s": float(y.tail(quarter).median())}
+
+
 def run_one(scratch: Path, models: list[Path], iterations: int, cores: int, profile: bool) -> dict:
     """Phase A builds the initial pool (iteration 0: its evaluations run side by side); phase B, a
     second Snakemake run, the N iterations, whose jobs form one chain (propose -> merge -> evaluate ->
@@ -93,7 +135,8 @@ def run_one(scratch: Path, models: list[Path], iterations: int, cores: int, prof
         dry_run_s(workdir, config_path, target, cores, profile_to=profile_to)
     job_s = float(jobs["wall_s"].sum())
     overhead = wall - job_s
-    return {"iterations": iterations, "wall_s": wall, "job_s": job_s, "jobs": len(jobs), "overhead_s": overhead,
+    growth = growth_line(per_iteration_overhead(workdir, iterations))
+    return {"growth": growth, "iterations": iterations, "wall_s": wall, "job_s": job_s, "jobs": len(jobs), "overhead_s": overhead,
             "overhead_per_iter_s": overhead / iterations, "startup_s": startup_s,
             "overhead_per_iter_no_startup_s": (overhead - startup_s) / iterations, "dag_s": dag_s,
             "stages": stage_totals(jobs), "profile": profile_to}
@@ -130,6 +173,10 @@ def main(argv=None) -> int:
                   f"{result['job_s']:.1f} s, overhead {result['overhead_s']:.1f} s = "
                   f"{result['overhead_per_iter_s']:.2f} s/iteration ({result['overhead_per_iter_no_startup_s']:.2f} "
                   f"without the start-up of {result['startup_s']:.1f} s); dry-run DAG {result['dag_s']:.2f} s",
+                  flush=True)
+            g = result["growth"]
+            print(f"per iteration within the run (span - jobs): {g['intercept_s']:.2f} s + {g['slope_s_per_iteration']:.4f} s x i; "
+                  f"median first quarter {g['first_quarter_median_s']:.2f} s, last quarter {g['last_quarter_median_s']:.2f} s",
                   flush=True)
             print(result["stages"].to_string(index=False, float_format=lambda x: f"{x:.1f}"))
             if result["profile"] is not None:

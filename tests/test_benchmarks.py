@@ -90,3 +90,22 @@ def test_runs_share_the_content_addressed_folders(tmp_path):
         assert (tmp_path / "transformers-seed0" / "results" / name).resolve() == (store / name).resolve()
     assert (tmp_path / "transformers-seed0" / "results" / "models" / "m1").is_dir()
     assert not (tmp_path / "random-seed0" / "results" / "agent").exists()  # per-run, not shared
+
+
+def test_per_iteration_overhead_is_each_span_minus_its_jobs(tmp_path):
+    from overhead import growth_line, per_iteration_overhead
+
+    bench = tmp_path / "results" / "benchmarks"
+    t = 1_000_000.0
+    # Three iterations of one chain (propose -> merge -> memory); the orchestration's gaps grow 1, 2, 3 s.
+    for i, gap in ((1, 1.0), (2, 2.0), (3, 3.0)):
+        for relative, seconds in ((f"agent/propose_{i}.tsv", 2.0), (f"ties_merging/m{i}.tsv", 10.0),
+                                  (f"agent/memory_{i}.tsv", 3.0)):
+            write_benchmark(bench, relative, seconds, seconds, t + seconds)
+            t += seconds + gap / 3
+    per_iteration = per_iteration_overhead(tmp_path, 3)
+    assert list(per_iteration["job_s"]) == pytest.approx([15.0, 15.0, 15.0])
+    # The last iteration ends with its last job: two of its three gaps fall inside it.
+    assert list(per_iteration["overhead_s"]) == pytest.approx([1.0, 2.0, 2.0], abs=1e-3)
+    line = growth_line(per_iteration)
+    assert line["slope_s_per_iteration"] == pytest.approx(0.5, abs=1e-3)
