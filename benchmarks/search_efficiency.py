@@ -6,18 +6,23 @@ up to ``results/agent/iter_<max k>/step.json``. "Best after k" is the maximum s_
 pool and the models of iterations 1..k (the agent keeps every model, so this is what it has found).
 Prints a table (mean, min and max over seeds) and writes a plot.
 
-The runs share one store of the content-addressed folders (models, recipes, evaluations, data; as
-``snakemake baselines`` shares them with its random run): a recipe two runs choose is built once, and
-the controllers of one seed start from the same initial pool, built once. ``--store`` points it at an
-earlier run's ``results/`` (e.g. the demo's, for its seed). The runs go seed by seed, so a stopped
-benchmark has whole seeds; rerun with the same ``--scratch`` and finished runs cost only a dry check.
+The runs start from one store of the content-addressed folders (models, recipes, evaluations, data;
+as ``snakemake baselines`` shares them with its random run): each seed's initial pool is built once,
+first, in that store (``pool-seed<s>``), and every run then starts from a copy of the store made of
+hard links (no bytes copied). With ``--parallel P`` (default: one run per core) P runs go side by side,
+each on cores/P cores: on 2 cores two 1-thread runs keep both cores busy where one run's chain
+(propose -> action -> evaluate -> memory) leaves one idle most of the time. Each run owns its copy, so
+two runs that build the same recipe at the same moment never delete each other's outputs (the price:
+a recipe two runs choose is built by each). ``--store`` points the store at an earlier run's
+``results/`` (e.g. the demo's, for its seed). Rerun with the same ``--scratch`` and finished runs cost
+only a dry check.
 
 The default is the embedded default (config/config.yaml: SmolLM2-135M, three tasks), the `random`
 and `transformers` controllers, 3 seeds, k = 4, 8, 12: hours of CPU. ``--tiny`` is the reduced setting
 that finishes in minutes: the end-to-end tests' tiny random Llama (also as the transformers
 controller), two tasks, small data. Usage::
 
-    .venv/bin/python benchmarks/search_efficiency.py                          # the full setting
+    .venv/bin/python benchmarks/search_efficiency.py --scratch /tmp/search    # the full setting
     .venv/bin/python benchmarks/search_efficiency.py --tiny --k 2 4 --seeds 0 1
 """
 
@@ -25,10 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,6 +85,32 @@ def share_store(workdir: Path, store: Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink():
             link.symlink_to(target.resolve(), target_is_directory=True)
+
+
+def clone_store(workdir: Path, store: Path) -> None:
+    """Give the run its own copy of the store's content-addressed folders, made of hard links.
+
+    Outputs are only ever replaced whole (a new file or directory renamed into place), never written in
+    place, so a hard-linked file never changes under the other copies. A folder the run already has (a
+    rerun) is kept as it is.
+    """
+    results = workdir / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    for name in SHARED_DIRS:
+        source, target = store / name, results / name
+        if target.exists() or target.is_symlink() or not source.is_dir():
+            continue
+        staging = results / f".{name}.cloning"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging, symlinks=True, copy_function=_link_or_copy)
+        os.replace(staging, target)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copy2(source, target)
 
 
 def controller_spec(name: str, base: dict, tiny: bool) -> dict:
@@ -136,7 +169,9 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, nargs="+", default=[4, 8, 12], help="iterations to report")
     parser.add_argument("--train-examples", type=int, default=16, help="--tiny: training rows per task")
     parser.add_argument("--val-examples", type=int, default=6, help="--tiny: validation rows per task")
-    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--parallel", type=int, help="runs side by side, each on cores/parallel cores "
+                        "(default: one per core, at most the number of runs)")
     parser.add_argument("--plot", type=Path, default=Path("search_efficiency.png"))
     parser.add_argument("--scratch", type=Path)
     parser.add_argument("--store", type=Path, help="the shared content-addressed folders (default: <scratch>/store)")
@@ -152,21 +187,55 @@ def main(argv=None) -> int:
     try:
         base, _ = run_config(args)
         store = args.store or args.scratch / "store"
-        table: dict[str, dict[int, dict[int, float]]] = {controller: {} for controller in args.controllers}
+
+        def configure(workdir: Path, controller: str, seed: int) -> Path:
+            config = dict(base, seed=seed, iterations=max(ks),
+                          controller=controller_spec(controller, base.get("controller", {}), args.tiny))
+            workdir.mkdir(parents=True, exist_ok=True)
+            config_path = workdir / "config.yaml"
+            config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+            return config_path
+
+        # 1. Each seed's initial pool (base and recipe models, their evaluations), once, on all cores.
         for seed in args.seeds:
-            for controller in args.controllers:
-                workdir = args.scratch / f"{controller}-seed{seed}"
-                config = dict(base, seed=seed, iterations=max(ks),
-                              controller=controller_spec(controller, base.get("controller", {}), args.tiny))
-                share_store(workdir, store)
-                config_path = workdir / "config.yaml"
-                config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-                started = time.perf_counter()
-                run_workflow(workdir, config_path, f"results/agent/iter_{max(ks)}/step.json", cores=args.cores)
-                table[controller][seed] = best_after(workdir, ks)
-                print(f"{controller} seed {seed}: best {table[controller][seed]}, "
-                      f"{models_made(workdir, max(ks))} new models ({time.perf_counter() - started:.0f} s; "
-                      f"{machine()})", flush=True)
+            workdir = args.scratch / f"pool-seed{seed}"
+            share_store(workdir, store)
+            wall = run_workflow(workdir, configure(workdir, "random", seed), "results/agent/iter_0/step.json",
+                                cores=args.cores)
+            print(f"initial pool, seed {seed}: {wall:.0f} s", flush=True)
+
+        # 2. The (controller, seed) runs, side by side, each from its own copy of the store.
+        # The agent-driven runs first (the longest: two LLM calls and a memory update per iteration), so
+        # the short random runs fill in at the end instead of leaving a core idle behind a long one.
+        runs = sorted(((controller, seed) for seed in args.seeds for controller in args.controllers),
+                      key=lambda run: run[0] == "random")
+        parallel = max(1, min(args.parallel or args.cores, len(runs)))
+        cores = max(1, args.cores // parallel)
+        print(f"{len(runs)} runs, {parallel} side by side on {cores} core(s) each", flush=True)
+
+        def explore(controller: str, seed: int) -> tuple[str, int, dict[int, float], float]:
+            workdir = args.scratch / f"{controller}-seed{seed}"
+            clone_store(workdir, store)
+            wall = run_workflow(workdir, configure(workdir, controller, seed),
+                                f"results/agent/iter_{max(ks)}/step.json", cores=cores)
+            return controller, seed, best_after(workdir, ks), wall
+
+        table: dict[str, dict[int, dict[int, float]]] = {controller: {} for controller in args.controllers}
+        failed: list[tuple[str, int]] = []
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            futures = {pool.submit(explore, controller, seed): (controller, seed) for controller, seed in runs}
+            for done in as_completed(futures):
+                try:
+                    controller, seed, best, wall = done.result()
+                except RuntimeError as error:  # one failed run: the others go on; the table says which is missing
+                    failed.append(futures[done])
+                    print(f"{futures[done][0]} seed {futures[done][1]} FAILED: {error}", flush=True)
+                    continue
+                table[controller][seed] = best
+                made = models_made(args.scratch / f"{controller}-seed{seed}", max(ks))
+                print(f"{controller} seed {seed}: best {best}, {made} new models ({wall:.0f} s; {machine()})",
+                      flush=True)
+        table = {controller: dict(sorted(per_seed.items())) for controller, per_seed in table.items() if per_seed}
         print("\n| controller | " + " | ".join(f"best after {k} (mean [min, max])" for k in ks) + " |")
         print("|---|" + "---|" * len(ks))
         for controller, per_seed in table.items():
@@ -178,10 +247,12 @@ def main(argv=None) -> int:
         print("\nper seed: " + json.dumps({c: {str(s): v for s, v in ps.items()} for c, ps in table.items()}))
         plot(table, ks, args.plot, f"best validation s_multi, {setting}")
         print(f"plot: {args.plot}")
+        if failed:
+            print(f"failed runs (rerun with the same --scratch to resume them): {failed}")
     finally:
         if not keep:
             shutil.rmtree(args.scratch, ignore_errors=True)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -92,6 +92,31 @@ def test_runs_share_the_content_addressed_folders(tmp_path):
     assert not (tmp_path / "random-seed0" / "results" / "agent").exists()  # per-run, not shared
 
 
+def test_each_run_gets_its_own_hard_linked_copy_of_the_store(tmp_path):
+    from search_efficiency import clone_store
+
+    from lamdagent.fileio import atomic_write_text
+
+    store = tmp_path / "store"
+    (store / "models" / "m1").mkdir(parents=True)
+    (store / "models" / "m1" / "model.safetensors").write_bytes(b"weights")
+    (store / "models" / "m1" / "README.md").write_text("card")
+    run = tmp_path / "random-seed0"
+    clone_store(run, store)
+    weights = run / "results" / "models" / "m1" / "model.safetensors"
+    assert weights.read_bytes() == b"weights"
+    assert weights.stat().st_ino == (store / "models" / "m1" / "model.safetensors").stat().st_ino  # no bytes copied
+    assert not (run / "results" / "models").is_symlink()
+    # A run replaces an output whole (the card rewrite, a rebuilt model): the store's copy stays as it was.
+    atomic_write_text(run / "results" / "models" / "m1" / "README.md", "card with scores")
+    assert (store / "models" / "m1" / "README.md").read_text() == "card"
+    # What the run built stays its own; a rerun keeps the run's folders as they are.
+    (run / "results" / "models" / "m2").mkdir()
+    clone_store(run, store)
+    assert (run / "results" / "models" / "m2").is_dir() and not (store / "models" / "m2").exists()
+    assert not list((run / "results").glob(".*.cloning"))
+
+
 def test_per_iteration_overhead_is_each_span_minus_its_jobs(tmp_path):
     from overhead import growth_line, per_iteration_overhead
 
