@@ -76,6 +76,21 @@ def models_made(workdir: Path, k: int) -> int:
     return len(made)
 
 
+def fallbacks(workdir: Path, k: int) -> dict[str, int]:
+    """Steps of iterations 1..k whose type or object choice was the seeded random fallback (the LLM's
+    reply named no valid candidate): how much of a controller's search was its own."""
+    from lamdagent.plan import step_entries
+
+    agent = Path(workdir) / "results" / "agent"
+    counts = {"steps": 0, "type_selection": 0, "object_selection": 0}
+    for i in range(1, k + 1):
+        for entry in step_entries(json.loads((agent / f"iter_{i}" / "step.json").read_text())):
+            counts["steps"] += 1
+            for call in ("type_selection", "object_selection"):
+                counts[call] += bool((entry.get("fallback") or {}).get(call))
+    return counts
+
+
 def share_store(workdir: Path, store: Path) -> None:
     """Link the run's content-addressed folders to the shared store (kept if already linked)."""
     results = workdir / "results"
@@ -232,9 +247,10 @@ def main(argv=None) -> int:
                     print(f"{futures[done][0]} seed {futures[done][1]} FAILED: {error}", flush=True)
                     continue
                 table[controller][seed] = best
-                made = models_made(args.scratch / f"{controller}-seed{seed}", max(ks))
-                print(f"{controller} seed {seed}: best {best}, {made} new models ({wall:.0f} s; {machine()})",
-                      flush=True)
+                workdir = args.scratch / f"{controller}-seed{seed}"
+                made, fell_back = models_made(workdir, max(ks)), fallbacks(workdir, max(ks))
+                print(f"{controller} seed {seed}: best {best}, {made} new models, random fallbacks "
+                      f"{fell_back} ({wall:.0f} s; {machine()})", flush=True)
         table = {controller: dict(sorted(per_seed.items())) for controller, per_seed in table.items() if per_seed}
         print("\n| controller | " + " | ".join(f"best after {k} (mean [min, max])" for k in ks) + " |")
         print("|---|" + "---|" * len(ks))

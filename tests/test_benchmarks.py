@@ -76,6 +76,18 @@ def test_models_made_counts_a_repeated_recipe_once_and_no_failed_step(tmp_path):
     assert [models_made(tmp_path, k) for k in (1, 3, 4)] == [1, 1, 2]
 
 
+def test_fallbacks_count_the_steps_whose_choice_was_not_the_llms(tmp_path):
+    from search_efficiency import fallbacks
+
+    agent = tmp_path / "results" / "agent"
+    write_step(agent, 0, {"iteration": 0, "initial": [{"model": "spec", "score": {"s_multi": 0.5}}]})
+    write_step(agent, 1, {"iteration": 1, "model": "m1", "fallback": {"type_selection": False, "object_selection": True}})
+    write_step(agent, 2, {"iteration": 2, "model": "m2", "fallback": {"type_selection": True, "object_selection": True}})
+    write_step(agent, 3, {"iteration": 3, "model": "m3"})  # the random controller records no fallback
+    assert fallbacks(tmp_path, 3) == {"steps": 3, "type_selection": 1, "object_selection": 2}
+    assert fallbacks(tmp_path, 1) == {"steps": 1, "type_selection": 0, "object_selection": 1}
+
+
 def test_runs_share_the_content_addressed_folders(tmp_path):
     from search_efficiency import share_store
 
