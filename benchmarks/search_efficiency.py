@@ -64,16 +64,14 @@ def best_after(workdir: Path, ks: list[int]) -> dict[int, float]:
 
 
 def models_made(workdir: Path, k: int) -> int:
-    """Distinct new models of iterations 1..k (a repeated recipe is the same model, made once)."""
+    """Distinct new models of iterations 1..k: a repeated recipe is the same model, made once, and a
+    step that re-proposes a model of the initial pool (a specialist's own recipe) makes none."""
     from lamdagent.plan import step_entries
 
     agent = Path(workdir) / "results" / "agent"
-    made = set()
-    for i in range(1, k + 1):
-        for entry in step_entries(json.loads((agent / f"iter_{i}" / "step.json").read_text())):
-            if entry.get("score"):
-                made.add(entry["model"])
-    return len(made)
+    entries = [step_entries(json.loads((agent / f"iter_{i}" / "step.json").read_text())) for i in range(k + 1)]
+    initial = {entry["model"] for entry in entries[0]}
+    return len({entry["model"] for steps in entries[1:] for entry in steps if entry.get("score")} - initial)
 
 
 def fallbacks(workdir: Path, k: int) -> dict[str, int]:

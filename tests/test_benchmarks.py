@@ -64,7 +64,7 @@ def test_best_after_k_iterations(tmp_path):
     assert best_after(tmp_path, [1, 2, 3]) == {1: 0.5, 2: 0.5, 3: 0.9}
 
 
-def test_models_made_counts_a_repeated_recipe_once_and_no_failed_step(tmp_path):
+def test_models_made_counts_a_repeated_recipe_once_and_no_failed_or_initial_step(tmp_path):
     from search_efficiency import models_made
 
     agent = tmp_path / "results" / "agent"
@@ -73,7 +73,8 @@ def test_models_made_counts_a_repeated_recipe_once_and_no_failed_step(tmp_path):
     write_step(agent, 2, {"iteration": 2, "model": "m1", "score": {"s_multi": 0.4}})  # the same recipe again
     write_step(agent, 3, {"iteration": 3, "model": "m2", "status": "failed", "score": None})
     write_step(agent, 4, {"iteration": 4, "model": "m3", "score": {"s_multi": 0.1}})
-    assert [models_made(tmp_path, k) for k in (1, 3, 4)] == [1, 1, 2]
+    write_step(agent, 5, {"iteration": 5, "model": "spec", "score": {"s_multi": 0.5}})  # the initial pool's recipe
+    assert [models_made(tmp_path, k) for k in (1, 3, 4, 5)] == [1, 1, 2, 2]
 
 
 def test_fallbacks_count_the_steps_whose_choice_was_not_the_llms(tmp_path):
