@@ -195,7 +195,9 @@ def main(argv=None) -> int:
     args.scratch = args.scratch or Path(tempfile.mkdtemp(prefix="lamdagent-search-"))
     args.scratch.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}")
-    setting = "tiny random Llama (--tiny)" if args.tiny else args.config
+    config_name = Path(args.config).resolve()
+    config_name = config_name.relative_to(REPO) if config_name.is_relative_to(REPO) else config_name
+    setting = "tiny random Llama (--tiny)" if args.tiny else f"{config_name}"
     print(f"setting: {setting}; controllers {args.controllers}; seeds {args.seeds}; k {ks}")
     try:
         base, _ = run_config(args)
