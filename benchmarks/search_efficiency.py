@@ -47,16 +47,21 @@ from lamdagent.baselines import SHARED_DIRS  # noqa: E402
 import yaml  # noqa: E402
 
 
-def best_after(workdir: Path, ks: list[int]) -> dict[int, float]:
-    """{k: best validation s_multi over the initial pool and iterations 1..k} of a finished run."""
+def iteration_entries(workdir: Path, k: int) -> list[list[dict]]:
+    """The plan entries of iterations 0..k of a finished run: iteration 0 holds the initial models, each
+    later one its proposals' steps (k > 1 proposals per iteration) or its one step."""
     from lamdagent.plan import step_entries
 
     agent = Path(workdir) / "results" / "agent"
+    return [step_entries(json.loads((agent / f"iter_{i}" / "step.json").read_text())) for i in range(k + 1)]
+
+
+def best_after(workdir: Path, ks: list[int]) -> dict[int, float]:
+    """{k: best validation s_multi over the initial pool and iterations 1..k} of a finished run."""
     best, out = float("-inf"), {}
-    for i in range(max(ks) + 1):
-        # An iteration's record holds its k proposals' steps (or the initial models); a failed step has no score.
-        for entry in step_entries(json.loads((agent / f"iter_{i}" / "step.json").read_text())):
-            if entry.get("score"):
+    for i, entries in enumerate(iteration_entries(workdir, max(ks))):
+        for entry in entries:
+            if entry.get("score"):  # a failed step has no score
                 best = max(best, entry["score"]["s_multi"])
         if i in ks:
             out[i] = best
@@ -66,23 +71,17 @@ def best_after(workdir: Path, ks: list[int]) -> dict[int, float]:
 def models_made(workdir: Path, k: int) -> int:
     """Distinct new models of iterations 1..k: a repeated recipe is the same model, made once, and a
     step that re-proposes a model of the initial pool (a specialist's own recipe) makes none."""
-    from lamdagent.plan import step_entries
-
-    agent = Path(workdir) / "results" / "agent"
-    entries = [step_entries(json.loads((agent / f"iter_{i}" / "step.json").read_text())) for i in range(k + 1)]
-    initial = {entry["model"] for entry in entries[0]}
-    return len({entry["model"] for steps in entries[1:] for entry in steps if entry.get("score")} - initial)
+    initial, *steps = iteration_entries(workdir, k)
+    made = {entry["model"] for entries in steps for entry in entries if entry.get("score")}
+    return len(made - {entry["model"] for entry in initial})
 
 
 def fallbacks(workdir: Path, k: int) -> dict[str, int]:
     """Steps of iterations 1..k whose type or object choice was the seeded random fallback (the LLM's
     reply named no valid candidate): how much of a controller's search was its own."""
-    from lamdagent.plan import step_entries
-
-    agent = Path(workdir) / "results" / "agent"
     counts = {"steps": 0, "type_selection": 0, "object_selection": 0}
-    for i in range(1, k + 1):
-        for entry in step_entries(json.loads((agent / f"iter_{i}" / "step.json").read_text())):
+    for entries in iteration_entries(workdir, k)[1:]:
+        for entry in entries:
             counts["steps"] += 1
             for call in ("type_selection", "object_selection"):
                 counts[call] += bool((entry.get("fallback") or {}).get(call))
