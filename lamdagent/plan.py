@@ -18,6 +18,17 @@ from .fileio import atomic_write_yaml, read_json
 
 _ITER = re.compile(r"^iter_(\d+)$")
 
+# Snakemake builds its DAG by recursion, one level per job on the longest path of dependencies, and
+# each iteration's memory depends on the one before: ~4 Python frames per iteration, so Python's
+# default limit of 1000 stops a plan at ~240 iterations. 20 per iteration leaves a wide margin, while
+# the frames actually used (~4 per iteration) stay far inside the C stack (8 MiB holds ~20 000).
+FRAMES_PER_ITERATION = 20
+
+
+def dag_recursion_limit(iterations: int, current: int) -> int:
+    """The recursion limit Snakemake needs for a plan of ``iterations``; never below ``current``."""
+    return max(current, 1000 + FRAMES_PER_ITERATION * iterations)
+
 
 def iteration_dir(agent_dir: str | Path, iteration: int) -> Path:
     return Path(agent_dir) / f"iter_{iteration}"

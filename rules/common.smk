@@ -1,11 +1,12 @@
 # Config checking and the input functions that turn the agent's plan into file targets.
 import os
+import sys
 
 import lamdagent.config
 from lamdagent.actions import ACTIONS, DATASET_KINDS
 from lamdagent.fileio import read_json
 from lamdagent.objects import Pool
-from lamdagent.plan import step_entries
+from lamdagent.plan import dag_recursion_limit, step_entries
 from lamdagent.prune import is_pruned
 from lamdagent.recipe import RecipeStore, is_built_id
 
@@ -18,6 +19,8 @@ except lamdagent.config.ConfigError as err:
 RESULTS = "results"
 RECIPES = RecipeStore(f"{RESULTS}/recipes")
 ITERATIONS = config["iterations"]
+# The chain iter_0 -> iter_N is as deep as the plan is long; the DAG build recurses along it.
+sys.setrecursionlimit(dag_recursion_limit(ITERATIONS, sys.getrecursionlimit()))
 TOP_K = config["report"]["top_k"]
 # Built models are named <action>-<16 hex>; every other model directory is a named import.
 BUILT_ID = "|".join(f"{action}-" for action in ACTIONS)
