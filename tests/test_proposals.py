@@ -6,7 +6,7 @@ from lamdagent.agent import CallLog, propose, propose_many
 from lamdagent.figures import binned_scores, step_points
 from lamdagent.fileio import atomic_write_json
 from lamdagent.memory import summary_memory, update_memory
-from lamdagent.plan import history_entries, iteration_record, step_entries, write_plan
+from lamdagent.plan import dag_recursion_limit, history_entries, iteration_record, step_entries, write_plan
 from lamdagent.recipe import RecipeStore
 from lamdagent.report import leaderboard_table
 from test_agent import GENERALIST, SPECIALIST, Scripted, config, pool, specialist
@@ -223,3 +223,10 @@ def test_k_3_models_of_an_iteration_are_built_at_the_same_time(tmp_path, tiny_mo
     built = [jobs[f"results/models/{m}"] for m in models]
     print(f"k = 3 run: {elapsed:.0f} s; the iteration's SFT jobs (start, finish): {[b[2:] for b in built]}")
     assert max(b[0] for b in built) < min(b[1] for b in built), built
+
+
+def test_dag_recursion_limit_grows_with_the_plan_and_never_lowers_the_current_one():
+    assert dag_recursion_limit(0, 1000) == 1000
+    assert dag_recursion_limit(300, 1000) >= 1000 + 4 * 300  # ~4 frames per iteration are used
+    assert dag_recursion_limit(1000, 1000) > dag_recursion_limit(300, 1000)
+    assert dag_recursion_limit(10, 50_000) == 50_000

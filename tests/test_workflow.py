@@ -60,6 +60,15 @@ def test_bad_config_stops_before_any_job_with_one_line(tmp_path, tiny_model_dir)
     assert not (tmp_path / "results").exists()
 
 
+def test_a_long_plan_builds_its_dag(tmp_path, tiny_model_dir):
+    """Each iteration depends on the one before, and Snakemake's DAG build recurses along that chain:
+    with Python's default recursion limit a 300-iteration plan stopped at ~240 (RecursionError)."""
+    config = write_tiny_config(tmp_path, tiny_model_dir, iterations=300)
+    result = run_snakemake(tmp_path, config, "--dry-run", "results/agent/iter_300/step.json", timeout=300)
+    assert "RecursionError" not in result.stdout
+    assert "update_memory" in result.stdout
+
+
 @pytest.mark.slow
 def test_random_exploration_is_killed_resumes_and_continues(tmp_path, tiny_model_dir):
     workdir = tmp_path / "run"
