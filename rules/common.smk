@@ -205,12 +205,16 @@ def initial_step_inputs(wildcards):
     }
 
 
+# The agent reads the whole history from results/agent/, but only the previous step is an input: step i-1
+# exists only once steps 0..i-2 do (each update_memory needs the one before), and naming all i earlier
+# steps gave the DAG ~N^2/2 edges, which Snakemake walks again after every checkpoint (~9 s an
+# iteration at N = 300).
 def propose_inputs(wildcards):
     i = int(wildcards.iteration)
     return {
         "pool": f"{RESULTS}/agent/pool.json",
         "memory": f"{agent_dir(i - 1)}/memory.md",
-        "steps": steps_upto(i - 1),
+        "previous_step": f"{agent_dir(i - 1)}/step.json",
         **controller_inputs(),
     }
 
@@ -226,7 +230,7 @@ def update_memory_inputs(wildcards):
         # A failed action has no model, so no score.
         "scores": [f"{RESULTS}/scores/{entry['model']}.json" for entry in chosen if entry["model"] not in failed],
         "memory": f"{agent_dir(i - 1)}/memory.md",
-        "steps": steps_upto(i - 1),
+        "previous_step": f"{agent_dir(i - 1)}/step.json",
         **controller_inputs(),
     }
 
