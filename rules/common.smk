@@ -178,6 +178,16 @@ def steps_upto(iteration):
     return [f"{agent_dir(i)}/step.json" for i in range(iteration + 1)]
 
 
+def explored_steps(wildcards):
+    """Steps 0..N for the rules that read the whole plan, named one iteration at a time: iteration i+1
+    is asked for only once proposal i exists (a checkpoint), so the not-yet-chosen iterations stay out of
+    the DAG. Named all at once, they made a chain of 2N pending jobs that Snakemake walks again after
+    every checkpoint: an iteration's orchestration cost grew with N (2.3 s at N = 300)."""
+    for i in range(1, ITERATIONS + 1):
+        checkpoints.propose.get(iteration=i)
+    return steps_upto(ITERATIONS)
+
+
 def outcome_inputs(wildcards):
     """The built models of step i: iteration 0's initial models made by recipes, or the proposals' models
     (all k at once, so Snakemake builds them in parallel)."""

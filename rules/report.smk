@@ -1,7 +1,7 @@
 checkpoint leaderboard:
     input:
         pool="results/agent/pool.json",
-        steps=steps_upto(ITERATIONS),
+        steps=explored_steps,
     output:
         leaderboard=report(
             "results/leaderboard.tsv", caption="../report/leaderboard.rst", category="Leaderboard"
@@ -42,7 +42,7 @@ rule topk:
 rule figures:
     input:
         pool="results/agent/pool.json",
-        steps=steps_upto(ITERATIONS),
+        steps=explored_steps,
         leaderboard="results/leaderboard.tsv",
         topk="results/report/topk.tsv",
     output:
@@ -75,7 +75,7 @@ rule figures:
 # file, so it runs last: after the figures, whose own timing it then includes.
 rule costs:
     input:
-        steps=steps_upto(ITERATIONS),
+        steps=explored_steps,
         topk="results/report/topk.tsv",
         figures=rules.figures.output.tasks_png,
     output:
