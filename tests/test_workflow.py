@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,13 +61,23 @@ def test_bad_config_stops_before_any_job_with_one_line(tmp_path, tiny_model_dir)
     assert not (tmp_path / "results").exists()
 
 
+def job_count(dry_run_output: str, rule: str) -> int:
+    """The count of ``rule`` in a dry run's job stats table (0 when absent)."""
+    match = re.search(rf"^{rule}\s+(\d+)$", dry_run_output, flags=re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
 def test_a_long_plan_builds_its_dag(tmp_path, tiny_model_dir):
     """Each iteration depends on the one before, and Snakemake's DAG build recurses along that chain:
     with Python's default recursion limit a 300-iteration plan stopped at ~240 (RecursionError)."""
     config = write_tiny_config(tmp_path, tiny_model_dir, iterations=300)
     result = run_snakemake(tmp_path, config, "--dry-run", "results/agent/iter_300/step.json", timeout=300)
     assert "RecursionError" not in result.stdout
-    assert "update_memory" in result.stdout
+    assert job_count(result.stdout, "update_memory") == 300
+    # The default target names the plan one iteration at a time: only the first proposal is pending.
+    result = run_snakemake(tmp_path, config, "--dry-run", timeout=300)
+    assert job_count(result.stdout, "propose") == 1
+    assert job_count(result.stdout, "update_memory") == 0
 
 
 @pytest.mark.slow
