@@ -34,4 +34,6 @@ rule all:
         "results/report/pipelines.png",
         "results/report/task_scores.png",
         "results/report/costs.tsv",
+        # Until all `iterations` are on disk: a raised budget continues a finished exploration.
+        frontier_step,
     default_target: True

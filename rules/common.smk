@@ -188,6 +188,19 @@ def explored_steps(wildcards):
     return steps_upto(ITERATIONS)
 
 
+def frontier_step(wildcards=None):
+    """The first step of the plan not on disk yet, as a plain input; once all N are there, the last.
+
+    A job whose input waits on a checkpoint is judged up to date while its output exists, so after a
+    finished run `explored_steps` alone never asks for the iterations a raised `iterations` adds. A
+    missing step named by `rule all` makes Snakemake run that iteration's propose and update_memory
+    (two jobs, whatever N) and the plan's readers after them; each proposal then names the next
+    through `explored_steps`. Never empty, so a finished run's recorded inputs stay the same.
+    """
+    steps = steps_upto(ITERATIONS)
+    return next((step for step in steps if not os.path.exists(step)), steps[-1])
+
+
 def outcome_inputs(wildcards):
     """The built models of step i: iteration 0's initial models made by recipes, or the proposals' models
     (all k at once, so Snakemake builds them in parallel)."""

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
-from e2e import run_snakemake, snakemake_command, subprocess_env, write_tiny_config
+from e2e import SNAKEMAKE, run_snakemake, snakemake_command, subprocess_env, tiny_config, write_tiny_config
 
 LAMDAGENT = str(Path(sys.executable).with_name("lamdagent"))
 
@@ -124,17 +126,7 @@ def test_random_exploration_is_killed_resumes_and_continues(tmp_path, tiny_model
     for iteration in range(1, 4):
         calls = workdir / "results" / "agent" / f"iter_{iteration}" / "propose_calls.jsonl"
         assert calls.exists()  # the random controller makes no LLM calls, but the record is there
-
-    # A larger `iterations` continues from the last memory: earlier steps stay as they are.
-    steps = {i: (workdir / "results" / "agent" / f"iter_{i}" / "step.json").stat().st_mtime_ns for i in range(4)}
-    config_data = yaml.safe_load(config.read_text())
-    config_data["iterations"] = 4
-    config.write_text(yaml.safe_dump(config_data))
-    run_snakemake(workdir, config, timeout=600)
-    assert {i: (workdir / "results" / "agent" / f"iter_{i}" / "step.json").stat().st_mtime_ns
-            for i in range(4)} == steps
-    check_plan_agrees_with_results(workdir, 4, {"tiny"})
-    assert {m: model_files(workdir)[m] for m in after} == after
+    # Raising `iterations` afterwards: test_raising_iterations_continues_a_finished_exploration.
 
 
 @pytest.mark.slow
@@ -166,3 +158,89 @@ def test_openai_controller_against_a_real_server(tmp_path, tiny_model_dir, opena
         for path in root.rglob("*"):
             if path.is_file() and path.stat().st_size < 50_000_000:
                 assert secret.encode() not in path.read_bytes(), path
+
+
+def copy_of_repository(destination: Path) -> Path:
+    """The workflow's files as a user's clone has them (no results, no venv, no git)."""
+    repo = Path(__file__).resolve().parent.parent
+    ignore = shutil.ignore_patterns(".git", ".venv", "results", ".snakemake", "__pycache__", "*.egg-info",
+                                    ".pytest_cache")
+    shutil.copytree(repo, destination, ignore=ignore)
+    return destination
+
+
+def jobs_run(output: str, rule: str) -> list[str]:
+    """The wildcards of every ``rule`` job a (quiet-less) Snakemake run printed, in order."""
+    return re.findall(rf"^(?:local)?(?:rule|checkpoint) {rule}:\n(?:    .*\n)*?    wildcards: (.*)$", output,
+                      flags=re.MULTILINE)
+
+
+def step_times(workdir: Path) -> dict[int, int]:
+    agent = workdir / "results" / "agent"
+    return {int(p.parent.name.split("_")[1]): p.stat().st_mtime_ns for p in agent.glob("iter_*/step.json")}
+
+
+@pytest.mark.slow
+def test_raising_iterations_continues_a_finished_exploration(tmp_path, tiny_model_dir):
+    """The user's path: the repository's own config/config.yaml edited in place, then `make demo` again;
+    and every other way to raise the budget (--config, --configfile, k > 1 proposals). After a finished
+    run the report files exist, and nothing but `iterations` asks for the new steps."""
+    repo = copy_of_repository(tmp_path / "clone")
+    config_file = repo / "config" / "config.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, iterations=1), sort_keys=False))
+    venv = Path(sys.executable).parent.parent
+    # `make demo` as the README says, on the test's own environment (-o: the install step counts as done).
+    make_demo = ["make", "-C", str(repo), "demo", f"VENV={venv}", "-o", f"{venv}/.installed-stamp"]
+
+    def run(command: list[str]) -> str:
+        result = subprocess.run(command, cwd=repo, env=subprocess_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-8000:]
+        return result.stdout
+
+    def continues_to(iterations: int, output: str, before: dict[int, int], models_before: dict) -> None:
+        """Only the new iterations were proposed, built, evaluated; the leaderboard and plan show them."""
+        proposed = [int(w.split("=")[1]) for w in jobs_run(output, "propose")]
+        assert proposed == list(range(max(before) + 1, iterations + 1)), proposed
+        assert {i: t for i, t in step_times(repo).items() if i in before} == before, "an earlier step reran"
+        assert {m: model_files(repo)[m] for m in models_before} == models_before, "a model was rebuilt"
+        plan = yaml.safe_load((repo / "results" / "plan.yaml").read_text())
+        assert max(step["iteration"] for step in plan["steps"]) == iterations
+        board = pd.read_csv(repo / "results" / "leaderboard.tsv", sep="\t")
+        for step in plan["steps"]:
+            if step["iteration"] > max(before):
+                assert step["status"] == "done"
+                assert (repo / "results" / "evals" / step["model"] / "val.json").is_file()
+                assert step["model"] in set(board["model"])
+        assert board["iteration"].max() == iterations
+
+    run(make_demo)
+    assert max(step_times(repo)) == 1
+    dry = run([SNAKEMAKE, "-n", "--cores", "2"])
+    assert "Nothing to be done" in dry
+
+    # 1. config/config.yaml edited in place, then the same command.
+    before, models = step_times(repo), model_files(repo)
+    config_file.write_text(config_file.read_text().replace("\niterations: 1\n", "\niterations: 2\n"))
+    continues_to(2, run(make_demo), before, models)
+
+    # 2. --config iterations=N on the command line.
+    before, models = step_times(repo), model_files(repo)
+    continues_to(3, run([SNAKEMAKE, "--cores", "2", "--config", "iterations=3"]), before, models)
+
+    # 3. another config file with a larger budget and 4. k = 2 proposals per iteration.
+    other = tmp_path / "longer.yaml"
+    other.write_text(yaml.safe_dump({**tiny_config(tiny_model_dir, iterations=4), "proposals_per_iteration": 2}))
+    before, models = step_times(repo), model_files(repo)
+    output = run([SNAKEMAKE, "--cores", "2", "--configfile", str(other)])
+    continues_to(4, output, before, models)
+    plan = yaml.safe_load((repo / "results" / "plan.yaml").read_text())
+    assert sum(step["iteration"] == 4 for step in plan["steps"]) == 2
+    assert "Nothing to be done" in run([SNAKEMAKE, "-n", "--cores", "2", "--configfile", str(other)])
+
+    # Lowering the budget keeps every step on disk; the reports show the first N.
+    before = step_times(repo)
+    run([SNAKEMAKE, "--cores", "2", "--config", "iterations=2"])
+    assert step_times(repo) == before
+    board = pd.read_csv(repo / "results" / "leaderboard.tsv", sep="\t")
+    assert board["iteration"].max() == 2
