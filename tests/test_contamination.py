@@ -172,3 +172,24 @@ def test_validation_and_test_on_the_same_lm_eval_documents_stop_the_run(default_
 
 def test_a_clean_embedded_config_needs_no_evaluation_job_check(default_config):
     assert contamination.check_deferred(load(copy.deepcopy(default_config), REPO)) is None
+
+
+def test_snakemake_stops_before_any_job_on_a_leaked_test_row(tmp_path, tiny_model_dir):
+    from e2e import run_snakemake, tiny_config
+
+    config = tiny_config(tiny_model_dir)
+    leaked = generate("arith", "test", config["data"]["test_examples"], config["seed"])[1]
+    write_jsonl(tmp_path / "mine.jsonl", UNRELATED + [{"prompt": leaked["prompt"], "completion": leaked["completion"]}])
+    config["datasets"]["mine"] = {"source": "local", "path": "mine.jsonl"}
+    config["objects"]["sft_dataset"].append("mine")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = run_snakemake(tmp_path, path, check=False, timeout=120)
+    assert result.returncode != 0
+    assert "config: datasets.mine: 1 of 6 rows of eval task 'arith', split 'test' are in this training dataset" \
+        in result.stdout
+    assert not (tmp_path / "results").exists()
+    # Allowed knowingly, the same workflow parses (a dry run lists its first jobs).
+    config["contamination"] = {"allow": [{"dataset": "mine", "task": "arith", "split": "test"}]}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert "prepare_dataset" in run_snakemake(tmp_path, path, "--dry-run", timeout=120).stdout
