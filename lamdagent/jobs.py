@@ -252,7 +252,7 @@ def _require_weights(*model_dirs) -> None:
 
 
 def evaluate(smk):
-    from .contamination import check_deferred
+    from .contamination import ContaminationError, check_deferred
     from .evaluate import evaluate as run_evaluate
     from .failures import read_failure
     from .lineage import start_clock, stop_clock
@@ -267,7 +267,11 @@ def evaluate(smk):
             raise ValueError(f"{smk.input.model} holds no model: its action failed ({failure['reason']})")
         # What parse time could not read (lm-eval documents, hub data not prepared yet) is checked by
         # the first evaluation job, which stops the exploration on an overlap (and records it for the next parse).
-        check_deferred(smk.config)
+        try:
+            check_deferred(smk.config)
+        except ContaminationError as err:
+            print(err, flush=True)  # in the log, which Snakemake shows when the job fails
+            raise
         clock = start_clock()
         run_evaluate(smk.input.model, tasks, smk.output.evaluation, batch_size=settings["batch_size"],
                      device=settings["device"], dtype=settings["dtype"], backend=settings["backend"],

@@ -193,3 +193,69 @@ def test_snakemake_stops_before_any_job_on_a_leaked_test_row(tmp_path, tiny_mode
     config["contamination"] = {"allow": [{"dataset": "mine", "task": "arith", "split": "test"}]}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     assert "prepare_dataset" in run_snakemake(tmp_path, path, "--dry-run", timeout=120).stdout
+
+
+@pytest.mark.slow
+def test_a_real_run_records_zero_overlaps_and_an_evaluation_job_stops_on_lm_eval_overlap(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    from e2e import run_snakemake, tiny_config
+
+    from lamdagent.fileio import read_json
+
+    # The embedded tasks: the specialists' lineage says 0 shared rows with every evaluation split.
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    path = clean / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, iterations=1), sort_keys=False))
+    run_snakemake(clean, path, "results/agent/iter_0/step.json", timeout=900)
+    built = sorted((clean / "results" / "models").glob("sft-*"))
+    assert len(built) == 2
+    for model_dir in built:
+        record = read_json(model_dir / "lineage.json")["datasets"]["dataset"]["contamination"]
+        assert record["overlaps"] == {task: {"val": 0, "test": 0, "ood": 0} for task in ("arith", "choice")}
+        shown = subprocess.run([str(Path(sys.executable).with_name("lamdagent")), "lineage", str(model_dir)],
+                               capture_output=True, text=True, check=True).stdout
+        assert "rows shared with eval splits: 0 over 6 splits" in shown
+
+    # Validation and test on the same lm-eval documents: the first evaluation job stops the run, and
+    # the next parse stops before any job with the same line.
+    leaky = tmp_path / "leaky"
+    leaky.mkdir()
+    config = tiny_config(tiny_model_dir, iterations=1)
+    config["eval_tasks"].append({"task": "ext", "lm_eval_task": {"val": "lamdagent_arith_test",
+                                                                "test": "lamdagent_arith_test"}})
+    path = leaky / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    message = "config: eval_tasks[2]: 6 of 6 rows of task 'ext', split 'test' are in its split 'val'"
+    result = run_snakemake(leaky, path, "results/agent/iter_0/step.json", check=False, timeout=900)
+    assert result.returncode != 0
+    logs = sorted((leaky / "results" / "logs" / "evaluate").glob("*.log"))
+    assert any(message in log.read_text() for log in logs), result.stdout[-3000:]
+    assert message in result.stdout  # Snakemake shows the failed job's log
+    again = run_snakemake(leaky, path, "--dry-run", check=False, timeout=120)
+    assert again.returncode != 0 and message in again.stdout
+
+
+def test_a_hub_dataset_is_checked_once_readable(default_config, tmp_path, monkeypatch):
+    """A hub dataset (here a local directory, which `datasets.load_dataset` reads the same way) is
+    not fetched at parse time: the evaluation job reads it; once prepared, parse time reads the file."""
+    monkeypatch.chdir(tmp_path)
+    repo = tmp_path / "hub-repo"
+    leaked = _eval_prompt(default_config, "context", "test", 4)
+    write_jsonl(repo / "train.jsonl", [{"q": r["prompt"], "a": r["completion"]} for r in UNRELATED]
+                + [{"q": leaked, "a": "x"}])
+    config = copy.deepcopy(default_config)
+    config["datasets"]["web"] = {"source": "hub", "repo": str(repo), "split": "train",
+                                 "fields": {"prompt": "q", "completion": "a"}}
+    config["objects"]["sft_dataset"].append("web")
+    config = load(config, tmp_path)
+    result = guard(config, tmp_path)
+    assert result["training"]["web"]["context"]["test"] is None and "web" in result["deferred"]
+    with pytest.raises(ContaminationError, match=r"datasets\.web: 1 of 12 rows of eval task 'context', split 'test'"):
+        contamination.check_deferred(config, tmp_path)
+    (tmp_path / contamination.DEFERRED_RECORD).unlink()
+    prepare(config["datasets"]["web"], tmp_path / "results" / "datasets" / "web.jsonl")
+    with pytest.raises(ContaminationError, match=r"datasets\.web: 1 of 12 rows"):
+        guard(config, tmp_path)
