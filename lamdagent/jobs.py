@@ -252,6 +252,7 @@ def _require_weights(*model_dirs) -> None:
 
 
 def evaluate(smk):
+    from .contamination import ContaminationError, check_deferred
     from .evaluate import evaluate as run_evaluate
     from .failures import read_failure
     from .lineage import start_clock, stop_clock
@@ -264,6 +265,13 @@ def evaluate(smk):
         failure = read_failure(smk.input.model)
         if failure is not None:  # the workflow never asks for it; an explicit target gets a clear error
             raise ValueError(f"{smk.input.model} holds no model: its action failed ({failure['reason']})")
+        # What parse time could not read (lm-eval documents, hub data not prepared yet) is checked by
+        # the first evaluation job, which stops the exploration on an overlap (and records it for the next parse).
+        try:
+            check_deferred(smk.config)
+        except ContaminationError as err:
+            print(err, flush=True)  # in the log, which Snakemake shows when the job fails
+            raise
         clock = start_clock()
         run_evaluate(smk.input.model, tasks, smk.output.evaluation, batch_size=settings["batch_size"],
                      device=settings["device"], dtype=settings["dtype"], backend=settings["backend"],

@@ -321,6 +321,12 @@ def dataset_node(name: str, path: str | os.PathLike, spec: dict | None, config: 
                              "examples_per_task": config["data"]["train_examples"]}
         if spec.get("kind") == "preference":  # rejected answers derived from the generated rows
             node["generator"]["pairs"] = "lamdagent.tasks.preference_rows"
+    from .contamination import dataset_record
+
+    # Shared prompts with every evaluation split (0 when clean), so an auditor sees it was checked.
+    contamination = dataset_record(name, path, config)
+    if contamination is not None:
+        node["contamination"] = contamination
     return node
 
 
@@ -528,8 +534,18 @@ def _node_lines(node: dict, label: str, prefix: str, last: bool, top: bool) -> l
             elif how == "local":
                 how = f"local {kid['source'].get('path')}"
             lines.append(f"{child}{'└─ ' if kid_last else '├─ '}{kid_label}{kid['name']}  [dataset: {how}; "
-                         f"{kid['rows']} rows, {_size(kid['bytes'])}, sha256 {_short(kid['sha256'])}]")
+                         f"{kid['rows']} rows, {_size(kid['bytes'])}, sha256 {_short(kid['sha256'])}"
+                         f"{_overlap_text(kid.get('contamination'))}]")
     return lines
+
+
+def _overlap_text(record: dict | None) -> str:
+    if record is None:
+        return ""
+    counts = [n for per in record["overlaps"].values() for n in per.values()]
+    checked = [n for n in counts if n is not None]
+    text = f"; rows shared with eval splits: {sum(checked)} over {len(checked)} splits"
+    return text + (f" ({len(counts) - len(checked)} not read yet)" if len(checked) < len(counts) else "")
 
 
 def render_tree(lineage: dict) -> str:

@@ -3,6 +3,7 @@ import os
 import sys
 
 import lamdagent.config
+import lamdagent.contamination
 from lamdagent.actions import ACTIONS, DATASET_KINDS
 from lamdagent.fileio import read_json
 from lamdagent.objects import Pool
@@ -10,9 +11,11 @@ from lamdagent.plan import dag_recursion_limit, step_entries
 from lamdagent.prune import is_pruned
 from lamdagent.recipe import RecipeStore, is_built_id
 
-# A bad config stops here, at parse time, before any job: one line naming the key.
+# A bad config stops here, at parse time, before any job: one line naming the key. So does training
+# data that holds evaluation prompts (lamdagent.contamination; counts cached for the re-parse of every cluster job).
 try:
     config.update(lamdagent.config.load(config, workdir=os.getcwd()))
+    lamdagent.contamination.guard(config, workdir=os.getcwd(), cache_dir=".snakemake/lamdagent")
 except lamdagent.config.ConfigError as err:
     raise WorkflowError(str(err)) from None
 
