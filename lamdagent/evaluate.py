@@ -41,6 +41,55 @@ def needs_default_tasks(tasks, extra_include_paths=()) -> bool:
     return not set(tasks) <= own_task_names(extra_include_paths)
 
 
+def _default_task_names(cache_dir) -> set[str]:
+    """Names in lm-eval's built-in index (~10 s to build), cached per lm-eval version."""
+    import json
+
+    from lm_eval.tasks import TaskManager
+
+    cache = Path(cache_dir) / f"lm_eval_default_tasks-{_pkg_version('lm_eval')}.json"
+    if cache.is_file():
+        return set(json.loads(cache.read_text(encoding="utf-8")))
+    names = set(TaskManager(include_defaults=True).all_tasks)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cache, sorted(names))
+    return names
+
+
+def unknown_tasks(tasks, include_paths=(), cache_dir=".snakemake/lamdagent") -> list[str]:
+    """The names among ``tasks`` that neither our tasks, ``include_paths`` (indexed by lm-eval's
+    TaskManager, custom YAML tags included) nor lm-eval's built-in tasks define."""
+    rest = [t for t in tasks if t not in own_task_names(include_paths)]
+    if not rest:
+        return []
+    from lm_eval.tasks import TaskManager
+
+    ours = TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)], include_defaults=False).all_tasks
+    rest = [t for t in rest if t not in ours]
+    if not rest:
+        return []
+    builtin = _default_task_names(cache_dir)
+    return [t for t in rest if t not in builtin]
+
+
+def lm_eval_task_docs(task: str, include_paths=()):
+    """The prompts of an lm-eval task's evaluation docs (its ``doc_to_text``), every subtask of a group."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    manager = TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)],
+                          include_defaults=needs_default_tasks([task], include_paths))
+
+    def walk(node):
+        if isinstance(node, dict):
+            for child in node.values():
+                yield from walk(child)
+        elif node is not None:
+            for doc in node.eval_docs:
+                yield str(node.doc_to_text(doc))
+
+    yield from walk(get_task_dict([task], manager))
+
+
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device

@@ -64,6 +64,15 @@ def generate_task(smk):
         write_splits(smk.wildcards.task, Path(smk.output.train).parent, dict(smk.params.sizes), smk.params.seed)
 
 
+def prepare_eval_task(smk):
+    from .eval_data import prepare
+
+    with job_context(smk):
+        manifest = prepare(dict(smk.params.spec), smk.output.tasks, dict(smk.params.data), smk.params.seed)
+        print(f"prepared {smk.wildcards.task}: " + ", ".join(f"{split} {entry['rows']} rows"
+                                                           for split, entry in manifest["splits"].items()))
+
+
 def prepare_dataset(smk):
     from .datasets import prepare
 
@@ -273,9 +282,12 @@ def evaluate(smk):
             print(err, flush=True)  # in the log, which Snakemake shows when the job fails
             raise
         clock = start_clock()
+        # Our file tasks' YAMLs (results/eval_tasks/<task>/) and the user's own task directories.
+        include = [str(path) for path in smk.input.get("tasks", [])] + list(settings["include_paths"])
         run_evaluate(smk.input.model, tasks, smk.output.evaluation, batch_size=settings["batch_size"],
                      device=settings["device"], dtype=settings["dtype"], backend=settings["backend"],
-                     limit=settings["limit"], seed=smk.config["seed"], usage=lambda: stop_clock(clock))
+                     limit=settings["limit"], seed=smk.config["seed"], extra_include_paths=include,
+                     usage=lambda: stop_clock(clock))
 
 
 def score(smk):

@@ -83,7 +83,24 @@ def controller_inputs():
 
 
 def eval_task_names():
-    return [task["task"] for task in config["eval_tasks"] if "lm_eval_task" not in task]
+    """The embedded (generated) tasks evaluated."""
+    return [task["task"] for task in config["eval_tasks"] if "lm_eval_task" not in task and "source" not in task]
+
+
+def file_eval_tasks():
+    """The evaluated tasks with their own data (a local file or the hub), by name."""
+    return {task["task"]: task for task in config["eval_tasks"] if task.get("source") in ("local", "hub")}
+
+
+def file_eval_task(name):
+    return file_eval_tasks()[name]
+
+
+def eval_task_inputs(wildcards):
+    spec = file_eval_task(wildcards.task)
+    if spec["source"] != "local":
+        return {}
+    return {"files": list(spec["splits"].values()) if "splits" in spec else [spec["path"]]}
 
 
 def embedded_tasks():
@@ -159,6 +176,7 @@ def evaluate_inputs(wildcards):
     for task in eval_task_names():
         data += [f"{RESULTS}/data/{task}/{s}.jsonl" for s in (["val"] if wildcards.split == "val" else ["test", "ood"])]
     inputs["data"] = data
+    inputs["tasks"] = [f"{RESULTS}/eval_tasks/{task}" for task in file_eval_tasks()]
     return inputs
 
 

@@ -39,3 +39,27 @@ rule prepare_dataset:
         "../envs/agent.yaml"
     script:
         "../scripts/prepare_dataset.py"
+
+
+# Your own evaluation data (a local file or the hub) as lm-eval tasks. A local rule, so hub data is
+# fetched where the workflow runs (compute nodes often have no network); no retries: data that
+# cannot be loaded or splits that overlap fail once, with the reason.
+rule prepare_eval_task:
+    input:
+        unpack(eval_task_inputs),
+    output:
+        tasks=directory("results/eval_tasks/{task}"),
+    params:
+        spec=lambda wildcards: file_eval_task(wildcards.task),
+        data=config["data"],
+        seed=config["seed"],
+    log:
+        "results/logs/prepare_eval_task/{task}.log",
+    benchmark:
+        "results/benchmarks/prepare_eval_task/{task}.tsv"
+    retries: 0
+    localrule: True
+    conda:
+        "../envs/eval.yaml"
+    script:
+        "../scripts/prepare_eval_task.py"
