@@ -72,6 +72,31 @@ def unknown_tasks(tasks, include_paths=(), cache_dir=".snakemake/lamdagent") -> 
     return [t for t in rest if t not in builtin]
 
 
+def fetch_task(task: str, include_paths, out_json) -> dict:
+    """Load an lm-eval task's data (into the datasets cache) and record its docs' prompt hashes."""
+    import datasets
+
+    from .eval_data import prompt_hash
+
+    prompts = list(lm_eval_task_docs(task, include_paths))
+    if not prompts:
+        raise ValueError(f"lm-eval task {task!r} has no evaluation docs")
+    entry = {"task": task, "docs": len(prompts), "hf_datasets_cache": str(datasets.config.HF_DATASETS_CACHE),
+             "prompt_sha256": sorted(prompt_hash(p) for p in prompts)}
+    atomic_write_json(out_json, entry)
+    return entry
+
+
+def offline_if_fetched(fetched_jsons) -> None:
+    """Read the lm-eval tasks' data from the cache rule fetch_lm_eval_task filled, when this machine
+    sees that cache (a compute node without network then never tries the hub); else leave it."""
+    from .fileio import read_json
+
+    caches = [read_json(path)["hf_datasets_cache"] for path in fetched_jsons]
+    if caches and all(Path(cache).is_dir() for cache in caches):
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
 def lm_eval_task_docs(task: str, include_paths=()):
     """The prompts of an lm-eval task's evaluation docs (its ``doc_to_text``), every subtask of a group."""
     from lm_eval.tasks import TaskManager, get_task_dict

@@ -177,7 +177,17 @@ def evaluate_inputs(wildcards):
         data += [f"{RESULTS}/data/{task}/{s}.jsonl" for s in (["val"] if wildcards.split == "val" else ["test", "ood"])]
     inputs["data"] = data
     inputs["tasks"] = [f"{RESULTS}/eval_tasks/{task}" for task in file_eval_tasks()]
+    inputs["lm_eval_data"] = [f"{RESULTS}/lm_eval_data/{name}.json" for name in fetched_lm_eval_tasks(split)]
     return inputs
+
+
+def fetched_lm_eval_tasks(split):
+    """The lm-eval task names of ``split`` whose data rule fetch_lm_eval_task loads first (not ours)."""
+    from lamdagent.evaluate import own_task_names
+    from lamdagent.score import split_tasks
+
+    ours = own_task_names()
+    return sorted({name for name in split_tasks(config["eval_tasks"], split).values() if name not in ours})
 
 
 # ---- agent ------------------------------------------------------------------------------------

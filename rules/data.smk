@@ -63,3 +63,25 @@ rule prepare_eval_task:
         "../envs/eval.yaml"
     script:
         "../scripts/prepare_eval_task.py"
+
+
+# The data of an lm-eval task named in config (built in or under evaluation.include_paths), loaded once
+# here, where the workflow runs, into the datasets cache the evaluate jobs then read offline. No
+# retries: a task whose data cannot be loaded fails once, with the reason, before any evaluation.
+rule fetch_lm_eval_task:
+    output:
+        docs="results/lm_eval_data/{lm_task}.json",
+    params:
+        include_paths=config["evaluation"]["include_paths"],
+    wildcard_constraints:
+        lm_task="[A-Za-z0-9][A-Za-z0-9_.-]*",
+    log:
+        "results/logs/fetch_lm_eval_task/{lm_task}.log",
+    benchmark:
+        "results/benchmarks/fetch_lm_eval_task/{lm_task}.tsv"
+    retries: 0
+    localrule: True
+    conda:
+        "../envs/eval.yaml"
+    script:
+        "../scripts/fetch_lm_eval_task.py"
