@@ -21,7 +21,7 @@ SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 
 # Maxima of the metrics whose range is known, for `weight: auto` (alpha = 1 / max, as in the paper).
 METRIC_MAX = {"exact_match": 1.0, "acc": 1.0, "acc_norm": 1.0, "f1": 1.0, "mc1": 1.0, "mc2": 1.0, "bleu": 100.0,
-              "rouge1": 1.0, "rougeL": 1.0}
+              "rouge1": 1.0, "rougeL": 1.0, "rating": 10.0}
 
 DEFAULTS: dict[str, Any] = {
     "proposals_per_iteration": 1,
@@ -283,6 +283,8 @@ def check(config: dict, workdir: Path) -> None:
         if task["task"] in names:
             raise ConfigError(f"{key}.task", f"duplicate task {task['task']!r}")
         names.append(task["task"])
+        if task.get("kind") == "judge" and task.get("source") not in ("local", "hub"):
+            raise ConfigError(f"{key}.kind", "a judged task reads its prompts from your data: give `source: local|hub`")
         if task.get("source") in ("local", "hub"):
             _check_file_task(task, key, config, workdir)
         elif "lm_eval_task" in task:
@@ -340,6 +342,12 @@ def _check_file_task(task: dict, key: str, config: dict, workdir: Path) -> None:
         task.setdefault("extract", "text")
         if task.get("metric", "exact_match") != "exact_match":
             raise ConfigError(f"{key}.metric", "a generated-answer task is scored by exact_match")
+    else:
+        if task.setdefault("metric", "rating") != "rating":
+            raise ConfigError(f"{key}.metric", "a judged task is scored by rating (1-10)")
+        judge = config["evaluation"].get("judge")
+        if not judge:
+            raise ConfigError("evaluation.judge", f"missing: {key} is graded by a judge (model, base_url, api_key_env)")
     if task["source"] == "local":
         from .eval_data import EvalDataError, load_splits  # noqa: PLC0415 - reads the files only when needed
 

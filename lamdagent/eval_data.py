@@ -212,6 +212,16 @@ def check_disjoint(splits: dict[str, list], task: str) -> None:
 
 def task_yaml(eval_task: dict, split: str, data_file: str) -> dict:
     """An lm-eval task over ``data_file`` (relative to the working directory, as the embedded tasks)."""
+    generation = {"until": [], "do_sample": False,
+                  "max_gen_toks": int(eval_task.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))}
+    if eval_task.get("kind") == "judge":
+        # The model's answers only: rule judge grades them (the placeholder metric is replaced there).
+        return {"task": lm_eval_name(eval_task["task"], split), "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": data_file}}, "test_split": "test",
+                "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "", "num_fewshot": 0,
+                "generation_kwargs": generation,
+                "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+                "metadata": {"version": 1.0, "kind": "judge"}}
     pattern, group = reply_pattern(eval_task)
     return {
         "task": lm_eval_name(eval_task["task"], split),
@@ -223,8 +233,7 @@ def task_yaml(eval_task: dict, split: str, data_file: str) -> dict:
         "doc_to_target": "{{answer}}",
         "num_fewshot": 0,
         # The tokenizer's end of sequence stops generation (lm-eval adds it to `until`).
-        "generation_kwargs": {"until": [], "do_sample": False,
-                              "max_gen_toks": int(eval_task.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))},
+        "generation_kwargs": generation,
         "filter_list": [{"name": "extract", "filter": [
             {"function": "regex", "regex_pattern": pattern, "group_select": group},
             {"function": "take_first"}]}],
@@ -246,9 +255,8 @@ def prepare(eval_task: dict, out_dir: str | Path, data: dict, seed: int, workdir
     for split, rows in splits.items():
         data_file = out_dir / f"{split}.jsonl"
         write_jsonl(data_file, rows)
-        if eval_task.get("kind", "generate") == "generate":
-            text = yaml.safe_dump(task_yaml(eval_task, split, str(data_file)), sort_keys=False)
-            atomic_write_text(out_dir / f"{lm_eval_name(eval_task['task'], split)}.yaml", text)
+        text = yaml.safe_dump(task_yaml(eval_task, split, str(data_file)), sort_keys=False)
+        atomic_write_text(out_dir / f"{lm_eval_name(eval_task['task'], split)}.yaml", text)
         manifest["splits"][split] = {"rows": len(rows), "file": str(data_file),
                                      "prompt_sha256": sorted(prompt_hash(r["prompt"]) for r in rows)}
     atomic_write_json(out_dir / "manifest.json", manifest)

@@ -304,6 +304,17 @@ def evaluate(smk):
                      usage=lambda: stop_clock(clock))
 
 
+def judge(smk):
+    from .judge import judge_evaluation
+
+    failed = Path(smk.log[0]).with_suffix(".failed.json")
+    with job_context(smk):
+        result = judge_evaluation(smk.input.answers, smk.output.evaluation, dict(smk.params.judged),
+                                  dict(smk.params.judge), seed=smk.config["seed"], failed_json=failed)
+        print("judged: " + ", ".join(f"{task} {result['tasks'][task]['rating,judge']:.2f}"
+                                     for task in smk.params.judged), flush=True)
+
+
 def score(smk):
     from .score import score as compute_score
 

@@ -181,13 +181,39 @@ def evaluate_inputs(wildcards):
     return inputs
 
 
+def judged_tasks(split):
+    """{lm-eval task: its data file} of the judged tasks evaluated on ``split``."""
+    from lamdagent.score import lm_eval_tasks
+
+    judged = {}
+    for task in config["eval_tasks"]:
+        if task.get("kind") == "judge":
+            for name in lm_eval_tasks(task, split).values():
+                judged[name] = f"{RESULTS}/eval_tasks/{task['task']}/{name.rsplit('_', 1)[1]}.jsonl"
+    return judged
+
+
+JUDGED = any(task.get("kind") == "judge" for task in config["eval_tasks"])
+
+
+def answers_path():
+    """Rule evaluate's output: the evaluation itself, or the answers rule judge grades into it."""
+    return f"{RESULTS}/evals/{{model}}/{{split}}.{'answers.' if JUDGED else ''}json"
+
+
+def judge_inputs(wildcards):
+    return {"answers": f"{RESULTS}/evals/{wildcards.model}/{wildcards.split}.answers.json",
+            "tasks": [f"{RESULTS}/eval_tasks/{task}" for task in file_eval_tasks()]}
+
+
 def fetched_lm_eval_tasks(split):
     """The lm-eval task names of ``split`` whose data rule fetch_lm_eval_task loads first (not ours)."""
     from lamdagent.evaluate import own_task_names
     from lamdagent.score import split_tasks
 
     ours = own_task_names()
-    return sorted({name for name in split_tasks(config["eval_tasks"], split).values() if name not in ours})
+    named = [task for task in config["eval_tasks"] if "lm_eval_task" in task]
+    return sorted({name for name in split_tasks(named, split).values() if name not in ours})
 
 
 # ---- agent ------------------------------------------------------------------------------------

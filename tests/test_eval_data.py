@@ -153,3 +153,43 @@ def test_unknown_lm_eval_task_names_the_key_and_include_paths_add_tasks(tmp_path
     config["evaluation"] = {"include_paths": ["nowhere"]}
     with pytest.raises(ConfigError, match=r"evaluation\.include_paths\[0\]"):
         load(config, tmp_path)
+
+
+def test_gsm8k_local_example_is_valid_with_gsm8k_format_files(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "examples" / "gsm8k-local.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"datasets\.gsm8k\.path: .*file not found"):
+        load(copy.deepcopy(config), tmp_path)
+    write_gsm8k(tmp_path / "data/gsm8k/train.jsonl", "train", 40)
+    write_gsm8k(tmp_path / "data/gsm8k/test.jsonl", "test", 120)
+    loaded = load(config, tmp_path)
+    assert loaded["eval_tasks"][0]["source"] == "local"
+    splits = eval_data.load_splits(loaded["eval_tasks"][0], loaded["data"], loaded["seed"], tmp_path)
+    assert [len(splits[s]) for s in ("val", "test")] == [100, 20]
+
+
+def test_judge_task_needs_a_judge_and_is_scored_out_of_ten(tmp_path, default_config):
+    path = write_gsm8k(tmp_path / "test.jsonl", "test", 20)
+    judged = {"task": "mt", "source": "local", "path": str(path), "kind": "judge", "fields": {"prompt": "question"}}
+    with pytest.raises(ConfigError, match=r"evaluation\.judge: missing"):
+        load(with_task(default_config, judged), REPO)
+    config = with_task(default_config, judged)
+    config["evaluation"] = {"judge": {"model": "gpt-4o", "api_key_env": "JUDGE_KEY"}}
+    task = load(config, REPO)["eval_tasks"][-1]
+    from lamdagent.score import alpha
+
+    assert task["metric"] == "rating" and alpha(task) == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match=r"eval_tasks\[1\]\.kind"):
+        load(with_task(config, {"task": "choice", "kind": "judge"}), REPO)
+
+
+def test_judge_prompt_and_rating_format():
+    from lamdagent.judge import judge_prompt, parse_rating
+
+    prompt = judge_prompt("What is 2+3?", "5")
+    assert "[Question]\nWhat is 2+3?" in prompt and "[The Start of Assistant's Answer]\n5\n" in prompt
+    assert "Rating: [[5]]" in prompt and "Reference" not in prompt
+    assert "[The Start of Reference Answer]\n5 apples" in judge_prompt("q", "a", reference="5 apples")
+    assert parse_rating("Good answer. Rating: [[8]]") == 8.0
+    assert parse_rating("[[3]] then, on reflection, Rating: [[6.5]]") == 6.5
+    for reply in ("Rating: 8", "Rating: [[0]]", "Rating: [[11]]", "Rating: [[77]]", ""):
+        assert parse_rating(reply) is None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -97,13 +96,55 @@ def test_exploration_trains_and_evaluates_from_local_gsm8k_files(tmp_path, tiny_
     val_prompts = {r["prompt"] for r in read_jsonl(tmp_path / "results/eval_tasks/gsm/val.jsonl")}
     test_prompts = {r["prompt"] for r in read_jsonl(tmp_path / "results/eval_tasks/gsm/test.jsonl")}
     assert len(val_prompts) == 4 and len(test_prompts) == 8 and not val_prompts & test_prompts
-    for model_dir in (tmp_path / "results/evals").iterdir():
+    evals = sorted((tmp_path / "results/evals").iterdir())
+    assert len(evals) >= 2  # tiny, the specialist (and the agent's model)
+    for model_dir in evals:
         val = read_json(model_dir / "val.json")
         assert set(val["tasks"]) == {"lamdagent_gsm_val", "my_gsm_val"}
         assert {s["prompt"] for s in val["samples"]["lamdagent_gsm_val"]} == val_prompts
-        test = read_json(model_dir / "test.json")
-        assert set(test["tasks"]) == {"lamdagent_gsm_test", "my_gsm_test"} and test["tasks"]["lamdagent_gsm_test"]["n"] == 8
-    score = read_json(tmp_path / "results/scores/specialist-gsm.json")
-    assert set(score["tasks"]) == {"gsm", "mine"} and score["weights"] == {"gsm": 1.0, "mine": 1.0}
-    step = json.loads((tmp_path / "results/agent/iter_1/step.json").read_text())
-    assert step
+    tests = [read_json(path) for path in (tmp_path / "results/evals").glob("*/test.json")]
+    assert tests and all(set(t["tasks"]) == {"lamdagent_gsm_test", "my_gsm_test"} for t in tests)
+    assert all(t["tasks"]["lamdagent_gsm_test"]["n"] == 8 and t["tasks"]["my_gsm_test"]["n"] == 3 for t in tests)
+    scores = [read_json(path) for path in (tmp_path / "results/scores").glob("*.json")]
+    assert len(scores) == len(evals)
+    assert all(set(s["tasks"]) == {"gsm", "mine"} and s["weights"] == {"gsm": 1.0, "mine": 1.0} for s in scores)
+    assert (tmp_path / "results/leaderboard.tsv").read_text().count("\n") == len(evals) + 1
+
+
+@pytest.mark.slow
+def test_judge_grades_through_a_real_server_and_fails_clearly_without_ratings(tmp_path, tiny_model_dir,
+                                                                              openai_server, monkeypatch):
+    """The model answers in rule evaluate; rule judge sends every answer to `transformers serve` (the
+    tiny random model, which never writes "[[N]]"): its replies are kept and the evaluation fails,
+    once, saying so; it is never scored 0. A judge that cannot be reached fails the same way."""
+    monkeypatch.setenv("JUDGE_KEY", "not-a-secret")
+    write_gsm8k(tmp_path / "prompts.jsonl", "test", 8)
+    config = tiny_config(tiny_model_dir)
+    config["eval_tasks"] = [{"task": "mt", "kind": "judge", "source": "local", "path": "prompts.jsonl",
+                             "fields": {"prompt": "question", "answer": "answer"}, "max_gen_toks": 8}]
+    config["data"] = {"train_examples": 4, "val_examples": 3, "test_examples": 5}
+    config["evaluation"] = {"batch_size": 4, "judge": {
+        "model": str(tiny_model_dir), "base_url": openai_server, "api_key_env": "JUDGE_KEY", "max_tokens": 12,
+        "backoff": {"attempts": 2, "initial_s": 0.1, "max_s": 0.2}}}
+    config_path = write_config(tmp_path, config)
+    result = run_snakemake(tmp_path, config_path, "--retries", "2", "results/evals/tiny/val.json",
+                           timeout=600, check=False)
+    assert result.returncode != 0 and result.stdout.count("Error in rule judge") == 1, result.stdout[-4000:]
+    assert "none of the judge's 3 replies has a rating in the format [[N]]" in result.stdout
+    answers = read_json(tmp_path / "results/evals/tiny/val.answers.json")
+    assert len(answers["samples"]["lamdagent_mt_val"]) == 3
+    record = read_json(tmp_path / "results/logs/judge/tiny.val.failed.json")
+    assert record["status"] == "failed" and len(record["samples"]) == 3
+    for sample in record["samples"]:
+        assert sample["rating"] is None and sample["judge_reply"] and sample["response"] in sample["judge_prompt"]
+        assert "[The Start of Reference Answer]" in sample["judge_prompt"]  # the gold answer as reference
+    assert not (tmp_path / "results/evals/tiny/val.json").exists()
+
+    # No server: every call fails after its retries; the evaluation fails and the error is recorded.
+    config["evaluation"]["judge"]["base_url"] = "http://127.0.0.1:9/v1"
+    result = run_snakemake(tmp_path, write_config(tmp_path, config), "results/evals/tiny/val.json",
+                           timeout=300, check=False)
+    assert result.returncode != 0 and "the judge call failed after its retries" in result.stdout
+    assert "not-a-secret" not in result.stdout
+    record = read_json(tmp_path / "results/logs/judge/tiny.val.failed.json")
+    assert "no reply after 2 attempt(s)" in record["samples"][0]["judge_error"]
