@@ -99,20 +99,13 @@ def offline_if_fetched(fetched_jsons) -> None:
 
 def lm_eval_task_docs(task: str, include_paths=()):
     """The prompts of an lm-eval task's evaluation docs (its ``doc_to_text``), every subtask of a group."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)],
                           include_defaults=needs_default_tasks([task], include_paths))
-
-    def walk(node):
-        if isinstance(node, dict):
-            for child in node.values():
-                yield from walk(child)
-        elif node is not None:
-            for doc in node.eval_docs:
-                yield str(node.doc_to_text(doc))
-
-    yield from walk(get_task_dict([task], manager))
+    for leaf in manager.load([task])["tasks"].values():  # a group's leaf tasks, flat
+        for doc in leaf.eval_docs:
+            yield str(leaf.doc_to_text(doc))
 
 
 def resolve_device(device: str) -> str:

@@ -177,7 +177,7 @@ def evaluate_inputs(wildcards):
         data += [f"{RESULTS}/data/{task}/{s}.jsonl" for s in (["val"] if wildcards.split == "val" else ["test", "ood"])]
     inputs["data"] = data
     inputs["tasks"] = [f"{RESULTS}/eval_tasks/{task}" for task in file_eval_tasks()]
-    inputs["lm_eval_data"] = [f"{RESULTS}/lm_eval_data/{name}.json" for name in fetched_lm_eval_tasks(split)]
+    inputs["lm_eval_data"] = [f"{RESULTS}/lm_eval_data/{name}.json" for name in FETCHED[split]]
     return inputs
 
 
@@ -214,6 +214,10 @@ def fetched_lm_eval_tasks(split):
     ours = own_task_names()
     named = [task for task in config["eval_tasks"] if "lm_eval_task" in task]
     return sorted({name for name in split_tasks(named, split).values() if name not in ours})
+
+
+# Once per parse: evaluate_inputs runs for every model and split of the plan.
+FETCHED = {split: fetched_lm_eval_tasks(split) for split in ("val", "test")}
 
 
 # ---- agent ------------------------------------------------------------------------------------

@@ -193,3 +193,13 @@ def test_judge_prompt_and_rating_format():
     assert parse_rating("[[3]] then, on reflection, Rating: [[6.5]]") == 6.5
     for reply in ("Rating: 8", "Rating: [[0]]", "Rating: [[11]]", "Rating: [[77]]", ""):
         assert parse_rating(reply) is None
+
+
+def test_split_prompts_of_a_users_lm_eval_task(tmp_path, default_config):
+    from test_own_eval_workflow import my_lm_eval_task
+
+    write_gsm8k(tmp_path / "val.jsonl", "val", 4)
+    my_lm_eval_task(tmp_path / "my_tasks", "my_gsm_val", tmp_path / "val.jsonl")
+    config = {**default_config, "evaluation": {"include_paths": ["my_tasks"]}}
+    prompts = list(eval_data.split_prompts({"task": "mine", "lm_eval_task": {"val": "my_gsm_val"}}, config, tmp_path))
+    assert prompts == [("val", r["question"]) for r in gsm8k_rows("val", 4)]
