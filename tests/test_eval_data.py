@@ -203,3 +203,20 @@ def test_split_prompts_of_a_users_lm_eval_task(tmp_path, default_config):
     config = {**default_config, "evaluation": {"include_paths": ["my_tasks"]}}
     prompts = list(eval_data.split_prompts({"task": "mine", "lm_eval_task": {"val": "my_gsm_val"}}, config, tmp_path))
     assert prompts == [("val", r["question"]) for r in gsm8k_rows("val", 4)]
+
+
+def test_contamination_guard_reads_local_eval_tasks(tmp_path, default_config):
+    """Training on the file a local eval task holds out is caught by the guard (issue 24) before any job."""
+    from lamdagent.contamination import ContaminationError, guard
+
+    test = write_gsm8k(tmp_path / "test.jsonl", "test", 20)
+    config = with_task({**default_config, "data": DATA},
+                       {"task": "gsm", "source": "local", "path": str(test), **GSM})
+    config["datasets"]["leaky"] = {"source": "local", "path": str(test),
+                                   "fields": {"prompt": "question", "completion": "answer"}}
+    config["objects"]["sft_dataset"] = [*config["objects"]["sft_dataset"], "leaky"]
+    with pytest.raises(ContaminationError, match=r"leaky.*gsm|gsm.*leaky"):
+        guard(load(config, REPO), REPO, cache_dir=tmp_path / "cache")
+    train = write_gsm8k(tmp_path / "train.jsonl", "train", 20)
+    config["datasets"]["leaky"]["path"] = str(train)
+    guard(load(config, REPO), REPO, cache_dir=tmp_path / "cache")
