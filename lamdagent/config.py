@@ -21,7 +21,7 @@ SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 
 # Maxima of the metrics whose range is known, for `weight: auto` (alpha = 1 / max, as in the paper).
 METRIC_MAX = {"exact_match": 1.0, "acc": 1.0, "acc_norm": 1.0, "f1": 1.0, "mc1": 1.0, "mc2": 1.0, "bleu": 100.0,
-              "rouge1": 1.0, "rougeL": 1.0}
+              "rouge1": 1.0, "rougeL": 1.0, "rating": 10.0}
 
 DEFAULTS: dict[str, Any] = {
     "proposals_per_iteration": 1,
@@ -39,7 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "training": {"epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1, "max_length": 512,
                  "precision": "auto", "lr_scheduler_type": "linear", "warmup_ratio": 0.0},
     "merging": {"dtype": "float32", "normalize": True},
-    "evaluation": {"batch_size": 16, "backend": "hf", "limit": None, "device": "auto", "dtype": "auto"},
+    "evaluation": {"batch_size": 16, "backend": "hf", "limit": None, "device": "auto", "dtype": "auto",
+                   "include_paths": []},
     # Prices default to 0 (the embedded agent runs locally); set them for an API model and rented GPUs.
     "report": {"top_k": 3, "every_k": 5,
                "prices": {"input_per_1m_tokens": 0.0, "output_per_1m_tokens": 0.0, "gpu_hour": 0.0, "cpu_hour": 0.0}},
@@ -282,13 +283,21 @@ def check(config: dict, workdir: Path) -> None:
         if task["task"] in names:
             raise ConfigError(f"{key}.task", f"duplicate task {task['task']!r}")
         names.append(task["task"])
-        if "lm_eval_task" not in task and task["task"] not in TASKS:
+        if task.get("kind") == "judge" and task.get("source") not in ("local", "hub"):
+            raise ConfigError(f"{key}.kind", "a judged task reads its prompts from your data: give `source: local|hub`")
+        if task.get("source") in ("local", "hub"):
+            _check_file_task(task, key, config, workdir)
+        elif "lm_eval_task" in task:
+            _check_lm_eval_task(task, key)
+        elif task["task"] not in TASKS:
             raise ConfigError(f"{key}.task", f"unknown task {task['task']!r}: embedded tasks are {', '.join(TASKS)}; "
-                                             "other tasks need `lm_eval_task`")
+                                             "other tasks need `source: local|hub` or `lm_eval_task`")
         metric = task.setdefault("metric", "exact_match")
         weight = task.setdefault("weight", "auto")
         if weight == "auto" and "max" not in task and metric.split(",")[0] not in METRIC_MAX:
             raise ConfigError(f"{key}.weight", f"`auto` needs the range of metric {metric!r}: give `max` or a number")
+
+    _check_lm_eval_names(config, workdir)
 
     # An action must keep some of its runtime after the margin in which it records its failure.
     margin = config["failures"]["time_margin_s"]
@@ -307,6 +316,73 @@ def check(config: dict, workdir: Path) -> None:
         model = controller["model"]
         if model not in config["models"] and not (workdir / model / "config.json").is_file():
             raise ConfigError("controller.model", f"{model!r} is neither a model under `models` nor a model directory")
+
+
+def _check_file_task(task: dict, key: str, config: dict, workdir: Path) -> None:
+    """A task read from a local file or the hub: its keys; for local files, the rows and the
+    disjointness of validation and the other splits (hub data is checked by prepare_eval_task)."""
+    import re
+
+    if task["task"] in TASKS:
+        raise ConfigError(f"{key}.task", f"{task['task']!r} is an embedded task; name your own task otherwise")
+    if not re.fullmatch(r"[A-Za-z0-9_]+", task["task"]):
+        raise ConfigError(f"{key}.task", "a task with its own data is named by letters, digits and _ only")
+    for other in ("lm_eval_task", "allow_same_split"):
+        if other in task:
+            raise ConfigError(f"{key}.{other}", f"only for lm-eval task names, not with source {task['source']!r}")
+    where = "path" if task["source"] == "local" else "split"
+    if "splits" in task and where in task:
+        raise ConfigError(f"{key}.splits", f"give either `splits` or `{where}`, not both")
+    if task["source"] == "local" and "splits" not in task and "path" not in task:
+        raise ConfigError(f"{key}.path", "missing (a JSONL or parquet file, or `splits: {val: F1, test: F2}`)")
+    if task["source"] == "hub" and "repo" not in task:
+        raise ConfigError(f"{key}.repo", "missing (the hub dataset id)")
+    kind = task.setdefault("kind", "generate")
+    if kind == "generate":
+        task.setdefault("extract", "text")
+        if task.get("metric", "exact_match") != "exact_match":
+            raise ConfigError(f"{key}.metric", "a generated-answer task is scored by exact_match")
+    else:
+        if task.setdefault("metric", "rating") != "rating":
+            raise ConfigError(f"{key}.metric", "a judged task is scored by rating (1-10)")
+        judge = config["evaluation"].get("judge")
+        if not judge:
+            raise ConfigError("evaluation.judge", f"missing: {key} is graded by a judge (model, base_url, api_key_env)")
+    if task["source"] == "local":
+        from .eval_data import EvalDataError, load_splits  # noqa: PLC0415 - reads the files only when needed
+
+        try:
+            load_splits(task, config["data"], config["seed"], workdir)
+        except EvalDataError as err:
+            raise ConfigError(f"{key}.{'splits' if 'splits' in task else 'path'}", str(err)) from None
+
+
+def _check_lm_eval_task(task: dict, key: str) -> None:
+    names = task["lm_eval_task"]
+    if names.get("test") and names["test"] == names["val"] and not task.get("allow_same_split"):
+        raise ConfigError(f"{key}.lm_eval_task", f"val and test are the same task and split {names['val']!r}: the "
+                                                 "search would select on its test set; hold out a validation "
+                                                 "split (or set allow_same_split: true)")
+
+
+def _check_lm_eval_names(config: dict, workdir: Path) -> None:
+    """Every lm_eval_task name is one lm-eval knows (ours, evaluation.include_paths, its own)."""
+    include = config["evaluation"]["include_paths"]
+    for index, path in enumerate(include):
+        if not (workdir / path).is_dir():
+            raise ConfigError(f"evaluation.include_paths[{index}]", f"{workdir / path} is not a directory")
+    named = [(index, split, name) for index, task in enumerate(config["eval_tasks"])
+             for split, name in (task.get("lm_eval_task") or {}).items()]
+    if not named:
+        return
+    from .evaluate import unknown_tasks  # noqa: PLC0415 - lm-eval is imported only for lm-eval task names
+
+    unknown = set(unknown_tasks([name for _, _, name in named], [workdir / p for p in include],
+                                cache_dir=workdir / ".snakemake" / "lamdagent"))
+    for index, split, name in named:
+        if name in unknown:
+            raise ConfigError(f"eval_tasks[{index}].lm_eval_task.{split}",
+                              f"unknown lm-eval task {name!r} (not built in, nor under evaluation.include_paths)")
 
 
 def _check_proposals(config: dict) -> None:

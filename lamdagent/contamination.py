@@ -161,6 +161,22 @@ def _lm_eval_split(entry: dict, split: str, config: dict, workdir: Path, in_job:
     return lm_eval_rows(name, include_paths=(config.get("evaluation") or {}).get("include_paths") or ())
 
 
+def _file_eval_split(entry: dict, split: str, config: dict, workdir: Path, in_job: bool):
+    """A task with its own data (local file or hub), cut as prepare_eval_task cuts it (lamdagent.eval_data)."""
+    from .eval_data import TASKS_ROOT, load_splits, task_splits
+    from .fileio import read_jsonl
+
+    if split not in task_splits(entry):
+        return None
+    if entry["source"] == "hub":
+        prepared = workdir / TASKS_ROOT / entry["task"] / f"{split}.jsonl"
+        if prepared.is_file():
+            return [r["prompt"] for r in read_jsonl(prepared)]
+        if not in_job:
+            return Deferred(f"hub data of task {entry['task']} is read once prepare_eval_task has written it")
+    return [r["prompt"] for r in load_splits(entry, config["data"], config["seed"], workdir)[split]]
+
+
 def eval_source(entry: dict) -> str:
     """The kind of an ``eval_tasks`` entry, the key of ``EVAL_SOURCES``."""
     return "lm_eval" if "lm_eval_task" in entry else entry.get("source", "embedded")
@@ -172,6 +188,8 @@ def eval_source(entry: dict) -> str:
 EVAL_SOURCES: dict[str, Callable[..., Any]] = {
     "embedded": _embedded_eval_prompts,
     "lm_eval": _lm_eval_split,
+    "local": _file_eval_split,
+    "hub": _file_eval_split,
 }
 
 
@@ -382,7 +400,7 @@ def guard(config: dict, workdir: str | Path = ".", cache_dir: str | Path | None 
 def deferrable(config: dict) -> bool:
     """Whether parse time may have left a pair to the evaluation job: an lm-eval task, or a hub
     dataset (unprepared at the first parse; prepared by the time the evaluation job runs)."""
-    return (any(eval_source(entry) == "lm_eval" for entry in config["eval_tasks"])
+    return (any(eval_source(entry) in ("lm_eval", "hub") for entry in config["eval_tasks"])
             or any(config["datasets"][n]["source"] == "hub" for n in training_datasets(config)))
 
 

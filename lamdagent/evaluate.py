@@ -41,6 +41,73 @@ def needs_default_tasks(tasks, extra_include_paths=()) -> bool:
     return not set(tasks) <= own_task_names(extra_include_paths)
 
 
+def _default_task_names(cache_dir) -> set[str]:
+    """Names in lm-eval's built-in index (~10 s to build), cached per lm-eval version."""
+    import json
+
+    from lm_eval.tasks import TaskManager
+
+    cache = Path(cache_dir) / f"lm_eval_default_tasks-{_pkg_version('lm_eval')}.json"
+    if cache.is_file():
+        return set(json.loads(cache.read_text(encoding="utf-8")))
+    names = set(TaskManager(include_defaults=True).all_tasks)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cache, sorted(names))
+    return names
+
+
+def unknown_tasks(tasks, include_paths=(), cache_dir=".snakemake/lamdagent") -> list[str]:
+    """The names among ``tasks`` that neither our tasks, ``include_paths`` (indexed by lm-eval's
+    TaskManager, custom YAML tags included) nor lm-eval's built-in tasks define."""
+    rest = [t for t in tasks if t not in own_task_names(include_paths)]
+    if not rest:
+        return []
+    from lm_eval.tasks import TaskManager
+
+    ours = TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)], include_defaults=False).all_tasks
+    rest = [t for t in rest if t not in ours]
+    if not rest:
+        return []
+    builtin = _default_task_names(cache_dir)
+    return [t for t in rest if t not in builtin]
+
+
+def fetch_task(task: str, include_paths, out_json) -> dict:
+    """Load an lm-eval task's data (into the datasets cache) and record its docs' prompt hashes."""
+    import datasets
+
+    from .eval_data import prompt_hash
+
+    prompts = list(lm_eval_task_docs(task, include_paths))
+    if not prompts:
+        raise ValueError(f"lm-eval task {task!r} has no evaluation docs")
+    entry = {"task": task, "docs": len(prompts), "hf_datasets_cache": str(datasets.config.HF_DATASETS_CACHE),
+             "prompt_sha256": sorted(prompt_hash(p) for p in prompts)}
+    atomic_write_json(out_json, entry)
+    return entry
+
+
+def offline_if_fetched(fetched_jsons) -> None:
+    """Read the lm-eval tasks' data from the cache rule fetch_lm_eval_task filled, when this machine
+    sees that cache (a compute node without network then never tries the hub); else leave it."""
+    from .fileio import read_json
+
+    caches = [read_json(path)["hf_datasets_cache"] for path in fetched_jsons]
+    if caches and all(Path(cache).is_dir() for cache in caches):
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def lm_eval_task_docs(task: str, include_paths=()):
+    """The prompts of an lm-eval task's evaluation docs (its ``doc_to_text``), every subtask of a group."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)],
+                          include_defaults=needs_default_tasks([task], include_paths))
+    for leaf in manager.load([task])["tasks"].values():  # a group's leaf tasks, flat
+        for doc in leaf.eval_docs:
+            yield str(leaf.doc_to_text(doc))
+
+
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device

@@ -34,7 +34,11 @@ def job_context(smk):
 
                 torch.set_num_threads(threads)
             print(f"[lamdagent] {smk.rule} started {time.strftime('%Y-%m-%dT%H:%M:%S')}", flush=True)
-            yield
+            try:
+                yield
+            except Exception as exc:  # the reason goes to the rule's log too, not only to Snakemake's output
+                print(f"[lamdagent] {smk.rule} failed: {type(exc).__name__}: {exc}", flush=True)
+                raise
             print(f"[lamdagent] {smk.rule} finished {time.strftime('%Y-%m-%dT%H:%M:%S')}", flush=True)
         finally:
             sys.stdout.flush()
@@ -62,6 +66,23 @@ def generate_task(smk):
 
     with job_context(smk):
         write_splits(smk.wildcards.task, Path(smk.output.train).parent, dict(smk.params.sizes), smk.params.seed)
+
+
+def prepare_eval_task(smk):
+    from .eval_data import prepare
+
+    with job_context(smk):
+        manifest = prepare(dict(smk.params.spec), smk.output.tasks, dict(smk.params.data), smk.params.seed)
+        print(f"prepared {smk.wildcards.task}: " + ", ".join(f"{split} {entry['rows']} rows"
+                                                           for split, entry in manifest["splits"].items()))
+
+
+def fetch_lm_eval_task(smk):
+    from .evaluate import fetch_task
+
+    with job_context(smk):
+        entry = fetch_task(smk.wildcards.lm_task, list(smk.params.include_paths), smk.output.docs)
+        print(f"fetched lm-eval task {entry['task']}: {entry['docs']} docs into {entry['hf_datasets_cache']}")
 
 
 def prepare_dataset(smk):
@@ -253,7 +274,7 @@ def _require_weights(*model_dirs) -> None:
 
 def evaluate(smk):
     from .contamination import ContaminationError, check_deferred
-    from .evaluate import evaluate as run_evaluate
+    from .evaluate import evaluate as run_evaluate, offline_if_fetched
     from .failures import read_failure
     from .lineage import start_clock, stop_clock
     from .score import split_tasks
@@ -265,6 +286,8 @@ def evaluate(smk):
         failure = read_failure(smk.input.model)
         if failure is not None:  # the workflow never asks for it; an explicit target gets a clear error
             raise ValueError(f"{smk.input.model} holds no model: its action failed ({failure['reason']})")
+        # Before datasets is imported (its offline switch is read then), by the guard or by lm-eval.
+        offline_if_fetched(smk.input.get("lm_eval_data", []))
         # What parse time could not read (lm-eval documents, hub data not prepared yet) is checked by
         # the first evaluation job, which stops the exploration on an overlap (and records it for the next parse).
         try:
@@ -273,9 +296,23 @@ def evaluate(smk):
             print(err, flush=True)  # in the log, which Snakemake shows when the job fails
             raise
         clock = start_clock()
+        # Our file tasks' YAMLs (results/eval_tasks/<task>/) and the user's own task directories.
+        include = [str(path) for path in smk.input.get("tasks", [])] + list(settings["include_paths"])
         run_evaluate(smk.input.model, tasks, smk.output.evaluation, batch_size=settings["batch_size"],
                      device=settings["device"], dtype=settings["dtype"], backend=settings["backend"],
-                     limit=settings["limit"], seed=smk.config["seed"], usage=lambda: stop_clock(clock))
+                     limit=settings["limit"], seed=smk.config["seed"], extra_include_paths=include,
+                     usage=lambda: stop_clock(clock))
+
+
+def judge(smk):
+    from .judge import judge_evaluation
+
+    failed = Path(smk.log[0]).with_suffix(".failed.json")
+    with job_context(smk):
+        result = judge_evaluation(smk.input.answers, smk.output.evaluation, dict(smk.params.judged),
+                                  dict(smk.params.judge), seed=smk.config["seed"], failed_json=failed)
+        print("judged: " + ", ".join(f"{task} {result['tasks'][task]['rating,judge']:.2f}"
+                                     for task in smk.params.judged), flush=True)
 
 
 def score(smk):

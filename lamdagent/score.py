@@ -16,8 +16,11 @@ def lm_eval_tasks(eval_task: dict, split: str) -> dict[str, str]:
 
     The test split also runs the out-of-distribution variant, labelled ``<task>_ood``.
     """
+    from .eval_data import is_file_task, task_splits
+
     task = eval_task["task"]
-    names = eval_task.get("lm_eval_task") or {s: f"{EMBEDDED_PREFIX}_{task}_{s}" for s in ("val", "test", "ood")}
+    splits = task_splits(eval_task) if is_file_task(eval_task) else ("val", "test", "ood")
+    names = eval_task.get("lm_eval_task") or {s: f"{EMBEDDED_PREFIX}_{task}_{s}" for s in splits}
     if split == "val":
         return {task: names["val"]}
     out = {}

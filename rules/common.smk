@@ -83,7 +83,24 @@ def controller_inputs():
 
 
 def eval_task_names():
-    return [task["task"] for task in config["eval_tasks"] if "lm_eval_task" not in task]
+    """The embedded (generated) tasks evaluated."""
+    return [task["task"] for task in config["eval_tasks"] if "lm_eval_task" not in task and "source" not in task]
+
+
+def file_eval_tasks():
+    """The evaluated tasks with their own data (a local file or the hub), by name."""
+    return {task["task"]: task for task in config["eval_tasks"] if task.get("source") in ("local", "hub")}
+
+
+def file_eval_task(name):
+    return file_eval_tasks()[name]
+
+
+def eval_task_inputs(wildcards):
+    spec = file_eval_task(wildcards.task)
+    if spec["source"] != "local":
+        return {}
+    return {"files": list(spec["splits"].values()) if "splits" in spec else [spec["path"]]}
 
 
 def embedded_tasks():
@@ -159,7 +176,48 @@ def evaluate_inputs(wildcards):
     for task in eval_task_names():
         data += [f"{RESULTS}/data/{task}/{s}.jsonl" for s in (["val"] if wildcards.split == "val" else ["test", "ood"])]
     inputs["data"] = data
+    inputs["tasks"] = [f"{RESULTS}/eval_tasks/{task}" for task in file_eval_tasks()]
+    inputs["lm_eval_data"] = [f"{RESULTS}/lm_eval_data/{name}.json" for name in FETCHED[split]]
     return inputs
+
+
+def judged_tasks(split):
+    """{lm-eval task: its data file} of the judged tasks evaluated on ``split``."""
+    from lamdagent.score import lm_eval_tasks
+
+    judged = {}
+    for task in config["eval_tasks"]:
+        if task.get("kind") == "judge":
+            for name in lm_eval_tasks(task, split).values():
+                judged[name] = f"{RESULTS}/eval_tasks/{task['task']}/{name.rsplit('_', 1)[1]}.jsonl"
+    return judged
+
+
+JUDGED = any(task.get("kind") == "judge" for task in config["eval_tasks"])
+
+
+def answers_path():
+    """Rule evaluate's output: the evaluation itself, or the answers rule judge grades into it."""
+    return f"{RESULTS}/evals/{{model}}/{{split}}.{'answers.' if JUDGED else ''}json"
+
+
+def judge_inputs(wildcards):
+    return {"answers": f"{RESULTS}/evals/{wildcards.model}/{wildcards.split}.answers.json",
+            "tasks": [f"{RESULTS}/eval_tasks/{task}" for task in file_eval_tasks()]}
+
+
+def fetched_lm_eval_tasks(split):
+    """The lm-eval task names of ``split`` whose data rule fetch_lm_eval_task loads first (not ours)."""
+    from lamdagent.evaluate import own_task_names
+    from lamdagent.score import split_tasks
+
+    ours = own_task_names()
+    named = [task for task in config["eval_tasks"] if "lm_eval_task" in task]
+    return sorted({name for name in split_tasks(named, split).values() if name not in ours})
+
+
+# Once per parse: evaluate_inputs runs for every model and split of the plan.
+FETCHED = {split: fetched_lm_eval_tasks(split) for split in ("val", "test")}
 
 
 # ---- agent ------------------------------------------------------------------------------------

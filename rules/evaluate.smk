@@ -3,7 +3,8 @@ rule evaluate:
     input:
         unpack(evaluate_inputs),
     output:
-        evaluation="results/evals/{model}/{split}.json",
+        # With judged tasks, the model's answers; rule judge then writes the evaluation.
+        evaluation=answers_path(),
     threads: config["resources"]["evaluate"]["threads"]
     resources:
         **resources_of("evaluate"),
@@ -16,6 +17,30 @@ rule evaluate:
         "../envs/eval.yaml"
     script:
         "../scripts/evaluate.py"
+
+
+# The judge needs its API, which compute nodes often cannot reach: a local rule, run where Snakemake
+# runs. No retries: the client already retried each call; a call that still fails fails the evaluation.
+if JUDGED:
+
+    rule judge:
+        input:
+            unpack(judge_inputs),
+        output:
+            evaluation="results/evals/{model}/{split}.json",
+        params:
+            judged=lambda wildcards: judged_tasks(wildcards.split),
+            judge=config["evaluation"].get("judge"),
+        log:
+            "results/logs/judge/{model}.{split}.log",
+        benchmark:
+            "results/benchmarks/judge/{model}.{split}.tsv"
+        retries: 0
+        localrule: True
+        conda:
+            "../envs/agent.yaml"
+        script:
+            "../scripts/judge.py"
 
 
 rule score:

@@ -1,0 +1,10 @@
+"""Snakemake rule `judge`: see lamdagent.jobs.judge."""
+import sys
+from pathlib import Path
+
+# The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
+
+from lamdagent import jobs  # noqa: E402
+
+jobs.judge(snakemake)  # noqa: F821
