@@ -33,13 +33,14 @@ def _score(entry: dict) -> float | None:
     return None if not score else float(score["s_multi"])
 
 
-def _step_state(entry: dict, outcome: dict | None) -> str:
-    """done / failed (scored or recorded), built (being evaluated), running (the action is being built)."""
+def _step_state(entry: dict, outcome: dict | None, running: bool) -> str:
+    """done / failed (scored or recorded), built (being evaluated), running (the action is being
+    built; ``stopped`` where no Snakemake runs to build it)."""
     if entry.get("status") in ("done", "failed"):
         return entry["status"]
     if outcome is not None:
         return "failed" if outcome["models"].get(entry["model"], {}).get("status") == "failed" else "built"
-    return "running"
+    return "running" if running else "stopped"
 
 
 def iteration_records(agent_dir: Path) -> list[dict]:
@@ -178,7 +179,7 @@ def status(workdir: str | Path, config: dict | None, *, running_pids: list[int] 
     if last is not None:
         last_step = {"iteration": last["iteration"], "steps": [
             {"model": entry["model"], "action": entry.get("action"), "objects": entry.get("objects"),
-             "pipeline": entry.get("pipeline"), "state": _step_state(entry, last["outcome"]),
+             "pipeline": entry.get("pipeline"), "state": _step_state(entry, last["outcome"], running),
              "score": _score(entry) if last["complete"] else None,
              **({"reason": entry["reason"]} if entry.get("reason") else {})}
             for entry in last["entries"]]}
