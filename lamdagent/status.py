@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .costs import read_benchmarks
 from .plan import iteration_dir, iterations_on_disk, step_entries
+from .recipe import is_built_id
 
 FALLBACK_CALLS = ("type_selection", "object_selection", "memory_update")
 # The rules that end the default target, after the last step (one job each).
@@ -85,6 +86,15 @@ def _jobs_left(records: list[dict], iterations: int | None, k: int, top_k: int, 
     left = {"agent:propose": 0, "action": 0, "evaluate:val": 0, "score": 0, "agent:outcome": 0,
             "agent:update_memory": 0, "evaluate:test": 0}
     by_iteration = {record["iteration"]: record for record in records}
+    if not (0 in by_iteration and by_iteration[0]["complete"]):
+        # The initial pool: its recipe models built, every model evaluated and scored, one initial step.
+        pool = _read(results / "agent" / "pool.json") or {}
+        initial = pool.get("initial_models", [])
+        left["agent:initial_step"] = 1
+        left["agent:outcome"] += int(not (results / "agent" / "iter_0" / "outcome.json").exists())
+        left["action"] += sum(is_built_id(m) and not (results / "models" / m).exists() for m in initial)
+        left["evaluate:val"] += sum(not (results / "evals" / m / "val.json").exists() for m in initial)
+        left["score"] += sum(not (results / "scores" / f"{m}.json").exists() for m in initial)
     for iteration in range(1, iterations + 1):
         record = by_iteration.get(iteration)
         if record is not None and record["complete"]:
