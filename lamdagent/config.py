@@ -119,8 +119,17 @@ def load(config: dict, workdir: str | Path = ".") -> dict:
     _schema_check(config)
     config = _merge_defaults(config, DEFAULTS)
     check(config, Path(workdir))
+    _check_tracking(config)
     _study_defaults(config)
     return config
+
+
+def _check_tracking(config: dict) -> None:
+    from .tracking import check as tracking_problem
+
+    problem = tracking_problem(config)
+    if problem is not None:
+        raise ConfigError(f"tracking.{problem[0]}", problem[1])
 
 
 def slot_kinds(config: dict) -> dict[str, str]:

@@ -307,6 +307,7 @@ def init_pool(smk):
         datasets = {Path(path).stem: dataset_entry(path) for path in smk.input.datasets}
         pool = Pool.initial(smk.config, datasets, RecipeStore("results/recipes"))
         atomic_write_json(smk.output.pool, pool.to_json())
+        tracking.prepare(smk.config)  # before any model is built: the trainers all log to it
 
 
 def _controller(smk):

@@ -9,6 +9,11 @@ a 2B model is GBs, and they are already in results/models.
 ``tensorboard`` writes event files under ``tracking.dir`` (default ``results/tracking/tensorboard``):
 ``tensorboard --logdir results/tracking/tensorboard`` shows them, offline. The step runs are
 written with TensorBoard's own protos (no torch import in the agent's jobs).
+``mlflow`` logs to ``tracking.uri``: the team's tracking server, or by default a local SQLite store
+(``results/tracking/mlflow.db``; ``mlflow ui --backend-store-uri sqlite:///results/tracking/mlflow.db``).
+The experiment (and a local store's tables) is created once, by ``init_pool``, before any training
+job: parallel jobs creating it at once would race. Credentials for a server come from mlflow's own
+environment variables (``MLFLOW_TRACKING_TOKEN``, ...), never from config.
 
 What is logged comes from recipes, scores and the trainer's arguments only: never the environment
 nor the controller's settings, so no API key reaches a tracker.
@@ -23,8 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-BACKENDS = ("none", "tensorboard")
+BACKENDS = ("none", "tensorboard", "mlflow")
 DEFAULT_DIR = "results/tracking/tensorboard"
+DEFAULT_MLFLOW_STORE = "results/tracking/mlflow.db"
+MLFLOW_PARAM_CHARS = 6000  # MLflow's limit on a parameter's value
 
 
 def settings(config: dict) -> dict:
@@ -40,11 +47,64 @@ def enabled(config: dict) -> bool:
     return settings(config)["backend"] != "none"
 
 
+def check(config: dict) -> tuple[str, str] | None:
+    """A config problem of section ``tracking`` as (key, problem), or None. Never quotes the URI: it
+    may hold a secret."""
+    spec = settings(config)
+    if spec["backend"] == "mlflow":
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            return "backend", "mlflow is not installed: pip install 'lamdagent[mlflow]'"
+        uri = spec.get("uri") or ""
+        netloc = uri.split("://", 1)[1].split("/", 1)[0] if "://" in uri else ""
+        if "@" in netloc or "token=" in uri.lower() or "password=" in uri.lower():
+            return "uri", ("holds credentials; give them in the environment (MLFLOW_TRACKING_TOKEN, or "
+                           "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD), which mlflow reads itself")
+    elif spec.get("uri"):
+        return "uri", f"only backend mlflow takes a uri (backend is {spec['backend']})"
+    return None
+
+
+def mlflow_uri(spec: dict) -> str:
+    """The tracking URI: config's, or the local SQLite store (absolute: jobs may run elsewhere)."""
+    if spec.get("uri"):
+        return spec["uri"]
+    store = Path(DEFAULT_MLFLOW_STORE).resolve()
+    store.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store}"
+
+
+def prepare(config: dict) -> None:
+    """Create the MLflow experiment (and a local store's tables) once, before any job logs to it."""
+    spec = settings(config)
+    if spec["backend"] == "mlflow":
+        _mlflow_experiment(_mlflow_client(spec), spec)
+
+
+def _mlflow_client(spec: dict):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow_uri(spec))
+
+
+def _mlflow_experiment(client, spec: dict) -> str:
+    found = client.get_experiment_by_name(spec["experiment"])
+    if found is not None:
+        return found.experiment_id
+    # A local store keeps its artifacts beside it (MLflow's default is ./mlruns of whichever job is first).
+    location = None if spec.get("uri") else Path(DEFAULT_MLFLOW_STORE).resolve().with_name("mlflow-artifacts").as_uri()
+    return client.create_experiment(spec["experiment"], artifact_location=location)
+
+
 def trainer_tracking(config: dict, model: str) -> dict | None:
     """What a training child process needs to report its curves (JSON, passed in its arguments)."""
     spec = settings(config)
     if spec["backend"] == "none" or not spec["training_curves"]:
         return None
+    if spec["backend"] == "mlflow":
+        return {"backend": "mlflow", "run_name": model, "uri": mlflow_uri(spec), "experiment": spec["experiment"],
+                "tags": {"lamdagent.kind": "training", "lamdagent.model": model}}
     return {"backend": spec["backend"], "run_name": model,
             "dir": str(Path(spec["dir"]).resolve() / "train" / model)}
 
@@ -59,6 +119,9 @@ def report_to(tracking: dict | None) -> tuple[str, str | None]:
         if int(os.environ.get("RANK", "0")) == 0 and os.path.isdir(tracking["dir"]):
             shutil.rmtree(tracking["dir"])
         os.environ["TENSORBOARD_LOGGING_DIR"] = tracking["dir"]
+    elif tracking["backend"] == "mlflow":
+        os.environ.update(MLFLOW_TRACKING_URI=tracking["uri"], MLFLOW_EXPERIMENT_NAME=tracking["experiment"],
+                          MLFLOW_TAGS=json.dumps(tracking["tags"]))
     return tracking["backend"], tracking["run_name"]
 
 
@@ -117,15 +180,39 @@ def log_steps(config: dict, entries: list[dict], *, results: str | Path = "resul
         # A user's local model stays where it is; every other model lives in results/models.
         model_dir = Path(named["path"] if named.get("source") == "local" else results / "models" / entry["model"])
         model_dir = model_dir.resolve()
+        log = _mlflow_step if spec["backend"] == "mlflow" else _tensorboard_step
         try:
-            written.append(_tensorboard_step(spec, entry, step_params(entry, recipe), step_metrics(entry), model_dir))
+            written.append(log(spec, entry, step_params(entry, recipe), step_metrics(entry), model_dir, recipe))
         except Exception as err:  # noqa: BLE001 - a tracker's failure must not fail the step
             print(f"[lamdagent] tracking: step {entry['model']} not logged: {type(err).__name__}: {err}",
                   file=sys.stderr, flush=True)
     return written
 
 
-def _tensorboard_step(spec: dict, entry: dict, params: dict, metrics: dict, model_dir: Path) -> str:
+def _mlflow_step(spec: dict, entry: dict, params: dict, metrics: dict, model_dir: Path, recipe: dict | None) -> str:
+    """One MLflow run per step: params, the scores at step = the iteration, the model directory's URI
+    as a tag, and the recipe as a small artifact."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = _mlflow_client(spec)
+    name = step_run_name(entry)
+    tags = {"lamdagent.kind": "step", "lamdagent.model": entry["model"], "lamdagent.iteration": str(entry["iteration"]),
+            "lamdagent.model_uri": model_dir.as_uri()}
+    run = client.create_run(_mlflow_experiment(client, spec), run_name=name, tags=tags)
+    now = int(time.time() * 1000)
+    step = int(entry["iteration"])
+    client.log_batch(run.info.run_id,
+                     metrics=[Metric(key, value, now, step) for key, value in metrics.items()],
+                     params=[Param(key, str(value)[:MLFLOW_PARAM_CHARS]) for key, value in params.items()],
+                     tags=[RunTag("mlflow.note.content", str(entry.get("pipeline") or ""))])
+    if recipe is not None:
+        client.log_dict(run.info.run_id, recipe, "recipe.json")
+    client.set_terminated(run.info.run_id, "FAILED" if entry.get("status") == "failed" else "FINISHED")
+    return name
+
+
+def _tensorboard_step(spec: dict, entry: dict, params: dict, metrics: dict, model_dir: Path,
+                      recipe: dict | None) -> str:
     """One run directory per step: an hparams session (params, model URI) and the scores as scalars;
     the scores also go to the run ``exploration``, one point per step, for the curve over iterations."""
     from tensorboard.compat.proto.event_pb2 import Event

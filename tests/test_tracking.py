@@ -16,6 +16,14 @@ from lamdagent.train import sft
 from e2e import tiny_config
 
 
+@pytest.fixture(autouse=True)
+def tracker_environment(monkeypatch):
+    """A training run in this process sets the variables transformers' callbacks read: undone after each test."""
+    for name in ("TENSORBOARD_LOGGING_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 def read_run(run_dir: Path) -> EventAccumulator:
     events = EventAccumulator(str(run_dir))
     events.Reload()
@@ -42,8 +50,7 @@ def test_sft_reports_its_loss_curve_through_trl(tiny_model_dir, tmp_path):
     assert not (run_dir / "events.out.tfevents.stale").exists()
 
 
-def test_no_backend_reports_nothing(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+def test_no_backend_reports_nothing(tiny_model_dir, tmp_path):
     assert tracking.report_to(None) == ("none", None)
     config = cfg.load(tiny_config(tiny_model_dir))
     assert config["tracking"]["backend"] == "none"
@@ -114,3 +121,64 @@ def test_a_tracker_that_fails_does_not_fail_the_step(tiny_model_dir, tmp_path, m
 def test_an_unknown_backend_is_a_one_line_config_error(tiny_model_dir):
     with pytest.raises(cfg.ConfigError, match=r"^config: tracking\.backend: 'wandb' is not one of"):
         cfg.load(dict(tiny_config(tiny_model_dir), tracking={"backend": "wandb"}))
+
+
+# ---- mlflow -------------------------------------------------------------------------------------
+
+
+def mlflow_config(tiny_model_dir, **tracking_spec) -> dict:
+    return cfg.load(dict(tiny_config(tiny_model_dir), tracking={"backend": "mlflow", **tracking_spec}))
+
+
+def test_mlflow_sft_curves_and_step_runs_in_the_local_store(tiny_model_dir, tmp_path, monkeypatch):
+    import mlflow
+
+    secret = "sk-lamdagent-tracking-77aa0c2a9b"
+    monkeypatch.setenv("LAMDAGENT_TEST_KEY", secret)
+    monkeypatch.chdir(tmp_path)
+    config = mlflow_config(tiny_model_dir, experiment="study-2")
+    tracking.prepare(config)  # what init_pool does: the store and the experiment, once
+    uri = f"sqlite:///{tmp_path / 'results' / 'tracking' / 'mlflow.db'}"
+    assert tracking.mlflow_uri(tracking.settings(config)) == uri
+
+    model = "sft-00000000000000b1"
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, [{"prompt": f"What is {i} plus {i}?", "completion": f"{2 * i}"} for i in range(8)])
+    metrics = sft(tiny_model_dir, data, tmp_path / "out", learning_rate=1e-3, batch_size=2, max_length=64,
+                  tracking=tracking.trainer_tracking(config, model))
+    atomic_write_json(Path("results/recipes") / f"{model}.json",
+                      {"action": "sft", "inputs": {"model": "tiny", "dataset": {"name": "arith", "rows": 8}},
+                       "params": {"learning_rate": 1e-3}, "seed": 0})
+    assert tracking.log_steps(config, [step_entry(model, 1, 0.75)]) == [f"iter_0001-{model}"]
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("study-2").experiment_id])
+    by_kind = {run.data.tags["lamdagent.kind"]: run for run in runs}
+    assert sorted(by_kind) == ["step", "training"] and len(runs) == 2
+    train = by_kind["training"]
+    assert train.info.run_name == model and train.data.tags["lamdagent.model"] == model
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == list(range(1, metrics["steps"] + 1))
+    assert float(train.data.params["learning_rate"]) == pytest.approx(1e-3)
+    step = by_kind["step"]
+    assert step.info.status == "FINISHED" and step.data.metrics["val/s_multi"] == pytest.approx(0.75)
+    assert step.data.params["recipe.params.learning_rate"] == "0.001" and step.data.params["action"] == "sft"
+    assert step.data.tags["lamdagent.model_uri"] == (tmp_path / "results" / "models" / model).as_uri()
+    assert client.get_metric_history(step.info.run_id, "val/s_multi")[0].step == 1
+    recipe = mlflow.artifacts.load_dict(f"{step.info.artifact_uri}/recipe.json")
+    assert recipe["params"] == {"learning_rate": 1e-3}
+    assert (tmp_path / "results" / "tracking" / "mlflow-artifacts").is_dir() and not (tmp_path / "mlruns").exists()
+    for path in (tmp_path / "results" / "tracking").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_an_mlflow_uri_with_credentials_is_refused_without_echoing_them(tiny_model_dir):
+    password = "hunter2-6c1d"
+    with pytest.raises(cfg.ConfigError) as raised:
+        mlflow_config(tiny_model_dir, uri=f"https://team:{password}@mlflow.example.org")
+    message = str(raised.value)
+    assert message.startswith("config: tracking.uri: holds credentials") and password not in message
+    assert "\n" not in message
+    assert mlflow_config(tiny_model_dir, uri="https://mlflow.example.org")["tracking"]["uri"]
+    with pytest.raises(cfg.ConfigError, match=r"^config: tracking\.uri: only backend mlflow takes a uri"):
+        cfg.load(dict(tiny_config(tiny_model_dir), tracking={"backend": "tensorboard", "uri": "http://x"}))
