@@ -25,6 +25,14 @@ def _snakemake_running_in(workdir: Path) -> list[int]:
     return found
 
 
+def _parent(pid: int) -> int | None:
+    """The parent's PID (Linux /proc): a job's script is a child of the Snakemake that runs it."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def unlock_stale(workdir: Path) -> int:
     """Remove Snakemake's locks if they were left by a killed run (no Snakemake runs here).
 
@@ -124,7 +132,8 @@ def status(workdir: Path, configfiles: list[Path] | None, *, as_json: bool) -> i
     if config is None:
         print(f"no config at {', '.join(map(str, paths))}: the plan's length is unknown (pass --configfile)",
               file=sys.stderr)
-    report = st.status(workdir, config, running_pids=_snakemake_running_in(workdir.resolve()))
+    pids = _snakemake_running_in(workdir.resolve())
+    report = st.status(workdir, config, running_pids=[pid for pid in pids if _parent(pid) not in pids])
     print(json.dumps(report, indent=2) if as_json else st.render(report), end="\n" if as_json else "")
     return 0
 

@@ -129,7 +129,9 @@ def test_status_during_and_after_an_exploration_with_tracking(tmp_path, tiny_mod
 
     workdir = tmp_path / "run"
     config = write_tiny_config(workdir, tiny_model_dir, iterations=2, tracking={"backend": "tensorboard"})
-    process = subprocess.Popen(snakemake_command(workdir, config), cwd=workdir, env=subprocess_env(),
+    secret = "sk-lamdagent-status-3d9e7b1c"  # in every job's environment: it must reach no tracker
+    process = subprocess.Popen(snakemake_command(workdir, config), cwd=workdir,
+                               env=dict(subprocess_env(), OPENAI_API_KEY=secret),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     proposal = workdir / "results" / "agent" / "iter_1" / "proposal.json"
     deadline = time.monotonic() + 600
@@ -172,3 +174,6 @@ def test_status_during_and_after_an_exploration_with_tracking(tmp_path, tiny_mod
         events = EventAccumulator(str(root / "train" / model))
         events.Reload()
         assert events.Scalars("train/loss")
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
