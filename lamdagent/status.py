@@ -2,8 +2,10 @@
 
 Nothing here writes: it reads the agent's records (``results/agent/iter_*/{proposal,outcome,step}.json``,
 see ``lamdagent.plan``), so it works while Snakemake runs, after it stopped, or on a copy of results/.
-The time left is estimated from the finished jobs' benchmark files (``lamdagent.costs.read_benchmarks``):
-each stage's mean wall time so far times the jobs of that stage still to run, one after another.
+The time left is estimated from the finished jobs' benchmark files (``lamdagent.costs.read_benchmarks``),
+one job after another: each iteration still to run costs what the finished iterations' own jobs did
+on average (before the first one finished: each stage's mean wall time times its jobs left), plus
+the final test evaluations and reports at their stage's mean.
 """
 
 from __future__ import annotations
@@ -142,6 +144,30 @@ def _mean_walls(jobs, config: dict) -> dict:
     return means
 
 
+def by_number(records: list[dict], iteration: int) -> dict | None:
+    return next((record for record in records if record["iteration"] == iteration), None)
+
+
+def _iteration_costs(records: list[dict], jobs) -> dict[int, float]:
+    """Wall seconds of each agent iteration's finished jobs: propose, outcome, update_memory, and the
+    action, validation and score of each model it made (a repeated recipe's jobs ran before)."""
+    if jobs.empty:
+        return {}
+    wall = {(row.family, row.name): row.wall_s for row in jobs.itertuples()}
+    costs = {}
+    for record in records:
+        i = record["iteration"]
+        if i == 0:
+            continue
+        keys = [("agent", f"propose_{i}"), ("agent", f"outcome_{i}"), ("agent", f"memory_{i}")]
+        for entry in record["entries"]:
+            if entry.get("repeat_of") is None and is_built_id(entry["model"]):
+                action, digest = entry["model"].split("-", 1)
+                keys += [(action, digest), ("evaluate", f"{entry['model']}.val"), ("score", entry["model"])]
+        costs[i] = float(sum(wall.get(key, 0.0) for key in keys))
+    return costs
+
+
 def _elapsed(bench_dir: Path, now: float, running: bool) -> float | None:
     """From the first job's start (its benchmark's time minus its wall seconds) to now (running) or
     the last job's end. A run stopped and resumed later counts the pause too."""
@@ -197,11 +223,26 @@ def status(workdir: str | Path, config: dict | None, *, running_pids: list[int] 
     bench_dir = results / "benchmarks"
     jobs = read_benchmarks(bench_dir) if bench_dir.is_dir() else None
     left = _jobs_left(records, iterations, k, top_k, results)
-    remaining_s, unknown = None, []
+    remaining_s, unknown, basis = None, [], None
     if left is not None and jobs is not None:
         means = _mean_walls(jobs, config)
         unknown = sorted(stage for stage, count in left.items() if count and stage not in means)
         remaining_s = sum(count * means.get(stage, 0.0) for stage, count in left.items())
+        basis = "stages"
+        per_iteration = _iteration_costs(records, jobs)
+        finished_iterations = [cost for i, cost in per_iteration.items() if by_number(records, i)["complete"]]
+        if finished_iterations and iterations is not None:
+            # The agent's iterations cost what the finished ones did (their own jobs' wall time): the
+            # initial pool's jobs, run side by side, would skew the per-stage means.
+            mean = sum(finished_iterations) / len(finished_iterations)
+            agent_s = 0.0
+            for i in range(done + 1, iterations + 1):
+                record = by_number(records, i)
+                agent_s += mean if record is None else max(0.0, mean - per_iteration.get(i, 0.0))
+            end_stages = ("evaluate:test", *REPORT_JOBS)
+            remaining_s = agent_s + sum(left.get(stage, 0) * means.get(stage, 0.0) for stage in end_stages)
+            unknown = [stage for stage in unknown if stage in end_stages]
+            basis = "iterations"
     return {
         "directory": str(workdir.resolve()),
         "state": state,
@@ -220,6 +261,8 @@ def status(workdir: str | Path, config: dict | None, *, running_pids: list[int] 
         "remaining_s": None if remaining_s is None else (0.0 if finished else round(remaining_s, 1)),
         "remaining_jobs": None if left is None else {stage: n for stage, n in left.items() if n},
         "estimate_missing": unknown,  # stages with jobs left but none finished yet (counted as 0 s)
+        # iterations: the finished agent iterations' mean cost; stages: per-stage means (none finished yet)
+        "estimate_basis": basis,
     }
 
 
@@ -265,7 +308,9 @@ def render(report: dict) -> str:
         left = "unknown (no finished job or plan length to go by)"
     else:
         jobs = sum((report["remaining_jobs"] or {}).values())
-        left = f"~{_duration(report['remaining_s'])} ({jobs} jobs to go at the finished jobs' mean time per stage"
+        basis = ("the finished iterations' mean" if report["estimate_basis"] == "iterations"
+                 else "the finished jobs' mean time per stage")
+        left = f"~{_duration(report['remaining_s'])} ({jobs} jobs to go, one after another, at {basis}"
         if report["estimate_missing"]:
             left += f"; none finished yet of {', '.join(report['estimate_missing'])}"
         left += ")"

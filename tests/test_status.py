@@ -56,6 +56,8 @@ def partial(tmp_path) -> Path:
     for i, model in enumerate(("tiny", "specialist-arith", "sft-00000000000000a1")):
         bench(results, f"evaluate/{model}.val.tsv", 4.0, T0 + 20 + i)
         bench(results, f"score/{model}.tsv", 1.0, T0 + 30 + i)
+        atomic_write_json(results / "evals" / model / "val.json", {})
+        atomic_write_json(results / "scores" / f"{model}.json", {})
     bench(results, "agent/propose_1.tsv", 2.0, T0 + 40)
     bench(results, "agent/outcome_1.tsv", 0.5, T0 + 41)
     bench(results, "agent/memory_1.tsv", 3.0, T0 + 42)
@@ -85,9 +87,18 @@ def test_status_of_a_partly_explored_directory(partial):
                                         "agent:outcome": 2, "agent:update_memory": 2, "evaluate:test": 3,
                                         "report:leaderboard": 1, "report:topk": 1, "report:figures": 1,
                                         "report:costs": 1}
-    # means: action 10, val 4, score 1, propose 2, outcome 0.5, memory 3; test = val x (2 x 6 test / 6 val)
-    assert report["remaining_s"] == pytest.approx(2 * 3 + 2 * 10 + 2 * 0.5 + 2 * 4 + 2 * 1 + 2 + 3 * 8)
+    # Iteration 1's own jobs took 2 + 10 + 4 + 1 + 0.5 + 3 = 20.5 s; iteration 2 has had 2 s of them
+    # (its proposal); the test evaluations cost a validation's time x (2 x 6 test / 6 val) each.
+    assert report["estimate_basis"] == "iterations"
+    assert report["remaining_s"] == pytest.approx((20.5 - 2) + 20.5 + 3 * 8)
     assert report["estimate_missing"] == ["report:costs", "report:figures", "report:leaderboard", "report:topk"]
+    # Before any agent iteration finished, each stage's mean: action 10, val 4, score 1, propose 2,
+    # outcome 0.5, memory 3.
+    (partial / "results" / "agent" / "iter_1" / "step.json").rename(partial / "step-1.json")
+    early = status(partial, CONFIG, running_pids=[4242], now=T0 + 100)
+    assert early["estimate_basis"] == "stages" and early["remaining_jobs"]["agent:update_memory"] == 3
+    assert early["remaining_s"] == pytest.approx(3 * 3 + 2 * 10 + 2 * 0.5 + 2 * 4 + 2 * 1 + 2 + 3 * 8)
+    (partial / "step-1.json").rename(partial / "results" / "agent" / "iter_1" / "step.json")
 
     # Once the action failed: recorded as such, nothing of it left to evaluate.
     atomic_write_json(partial / "results" / "agent" / "iter_2" / "outcome.json",
