@@ -25,6 +25,14 @@ def _snakemake_running_in(workdir: Path) -> list[int]:
     return found
 
 
+def _parent(pid: int) -> int | None:
+    """The parent's PID (Linux /proc): a job's script is a child of the Snakemake that runs it."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def unlock_stale(workdir: Path) -> int:
     """Remove Snakemake's locks if they were left by a killed run (no Snakemake runs here).
 
@@ -94,6 +102,42 @@ def rebuild(model_dir: Path, results: Path) -> int:
     return 0
 
 
+def load_configs(paths: list[Path]) -> dict | None:
+    """The config as Snakemake merges ``--configfile`` files (later keys win); None if none exists."""
+    import yaml
+
+    from .config import _merge_defaults
+
+    merged: dict = {}
+    found = False
+    for path in paths:
+        if path.is_file():
+            merged = _merge_defaults(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, merged)
+            found = True
+    return merged if found else None
+
+
+def status(workdir: Path, configfiles: list[Path] | None, *, as_json: bool) -> int:
+    """Where the exploration in ``workdir`` stands: iteration i of N, best so far, last step, time left."""
+    import json
+
+    from . import status as st
+
+    if not (workdir / "results").is_dir():
+        print(f"{workdir}: no results/ here (run it where you run snakemake, or pass --directory)", file=sys.stderr)
+        return 2
+    # Relative config paths are read from the workflow directory, as Snakemake does with --directory.
+    paths = [path if path.is_absolute() else workdir / path for path in (configfiles or [Path("config/config.yaml")])]
+    config = load_configs(paths)
+    if config is None:
+        print(f"no config at {', '.join(map(str, paths))}: the plan's length is unknown (pass --configfile)",
+              file=sys.stderr)
+    pids = _snakemake_running_in(workdir.resolve())
+    report = st.status(workdir, config, running_pids=[pid for pid in pids if _parent(pid) not in pids])
+    print(json.dumps(report, indent=2) if as_json else st.render(report), end="\n" if as_json else "")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lamdagent")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,11 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     again = sub.add_parser("rebuild", help="make a model again from its lineage and compare the weights")
     again.add_argument("model_dir", type=Path)
     again.add_argument("--results", required=True, type=Path, help="a fresh results directory")
+    where = sub.add_parser("status", help="where an exploration stands: iteration, best so far, last step, time left")
+    where.add_argument("--directory", default=".", type=Path, help="the directory holding results/ (snakemake's)")
+    where.add_argument("--configfile", nargs="+", type=Path,
+                       help="the config(s) the run was given (default config/config.yaml)")
+    where.add_argument("--json", action="store_true", help="print the status as JSON, for scripts")
     args = parser.parse_args(argv)
     if args.command == "unlock-stale":
         return unlock_stale(args.directory)
     if args.command == "lineage":
         return lineage(args.model_dir, verify=args.verify, as_json=args.json)
+    if args.command == "status":
+        return status(args.directory, args.configfile, as_json=args.json)
     if args.command == "rebuild":
         return rebuild(args.model_dir, args.results)
     return 2

@@ -47,6 +47,9 @@ DEFAULTS: dict[str, Any] = {
     # A failed action (exception, NaN loss, out of memory, time limit) is fed back with this score; it
     # stops itself time_margin_s before its rule's runtime ends, to record the failure.
     "failures": {"score": 0.0, "time_margin_s": 60, "log_tail_lines": 30},
+    # Experiment tracking (lamdagent/tracking.py): off unless a backend is named.
+    "tracking": {"backend": "none", "dir": "results/tracking/tensorboard", "experiment": "lamdagent",
+                 "training_curves": True},
     # retries: Snakemake reruns a job that failed for infrastructure reasons (killed, node lost).
     "resources": {
         "sft": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240, "retries": 2},
@@ -117,8 +120,17 @@ def load(config: dict, workdir: str | Path = ".") -> dict:
     _schema_check(config)
     config = _merge_defaults(config, DEFAULTS)
     check(config, Path(workdir))
+    _check_tracking(config)
     _study_defaults(config)
     return config
+
+
+def _check_tracking(config: dict) -> None:
+    from .tracking import check as tracking_problem
+
+    problem = tracking_problem(config)
+    if problem is not None:
+        raise ConfigError(f"tracking.{problem[0]}", problem[1])
 
 
 def slot_kinds(config: dict) -> dict[str, str]:

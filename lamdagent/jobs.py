@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import tracking
 from .fileio import atomic_directory, atomic_write_json, atomic_write_text, read_json, write_jsonl
 
 
@@ -193,6 +194,9 @@ def _train(smk):
     method = TRAIN_METHOD[recipe["action"]]
     # The same mapping from recipe to trainer arguments that `lamdagent rebuild` uses.
     kwargs = sft_kwargs(recipe, smk.input.model, smk.input.dataset, smk.output.model)
+    curves = tracking.trainer_tracking(smk.config, Path(smk.output.model).name)
+    if curves is not None:  # where the trainer reports its curves; not part of the recipe
+        kwargs["tracking"] = curves
     _require_weights(smk.input.model)
     with job_context(smk):
         clock = start_clock()
@@ -340,6 +344,7 @@ def init_pool(smk):
         datasets = {Path(path).stem: dataset_entry(path) for path in smk.input.datasets}
         pool = Pool.initial(smk.config, datasets, RecipeStore("results/recipes"))
         atomic_write_json(smk.output.pool, pool.to_json())
+        tracking.prepare(smk.config)  # before any model is built: the trainers all log to it
 
 
 def _controller(smk):
@@ -415,6 +420,7 @@ def initial_step(smk):
         atomic_write_json(smk.output.step, {"iteration": 0, "initial": entries, "pruned": pruned})
         atomic_write_text(smk.output.memory, smk.config["memory"]["initial"].strip() + "\n")
         write_plan("results/agent", "results/plan.yaml")
+        tracking.log_steps(smk.config, [dict(entry, iteration=0) for entry in entries])
 
 
 def propose(smk):
@@ -467,6 +473,7 @@ def update_memory(smk):
         atomic_write_json(smk.output.step, iteration_record(iteration, records, k, calls_memory=log.totals(),
                                                             pruned=pruned))
         write_plan("results/agent", "results/plan.yaml")
+        tracking.log_steps(smk.config, records)  # after the step is recorded: a kill never logs it twice
 
 
 # ---- report -----------------------------------------------------------------------------------

@@ -156,9 +156,13 @@ def _check_hyperparameters(learning_rate, epochs, batch_size, gradient_accumulat
 
 
 def _common_args(scratch_root: str, mode: str, *, learning_rate, epochs, batch_size, gradient_accumulation_steps,
-                 max_length, seed, lr_scheduler_type, warmup_ratio) -> dict:
+                 max_length, seed, lr_scheduler_type, warmup_ratio, tracking=None) -> dict:
     """The trainer settings SFT and DPO share (trl's SFTConfig and DPOConfig both take them)."""
     import torch
+
+    from .tracking import report_to
+
+    reporter, run_name = report_to(tracking)  # trl's own reporting: "none" unless config `tracking` says
 
     return dict(
         output_dir=scratch_root,
@@ -179,7 +183,8 @@ def _common_args(scratch_root: str, mode: str, *, learning_rate, epochs, batch_s
         activation_checkpointing=False,
         save_strategy="no",
         eval_strategy="no",
-        report_to="none",
+        report_to=reporter,
+        run_name=run_name,
         logging_strategy="steps",
         logging_steps=1,
         # The default filter replaces a NaN/inf step loss by the running mean, which would hide
@@ -291,7 +296,8 @@ def _full_logits_sft_trainer():
 def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float = 1, batch_size: int = 8,
         gradient_accumulation_steps: int = 1, max_length: int = 512, seed: int = 42, precision: str = "auto",
         lr_scheduler_type: str = "linear", warmup_ratio: float = 0.0, log_path=None, lora_rank: int | None = None,
-        lora_alpha: float | None = None, lora_dropout: float = 0.0, lora_target_modules="all-linear") -> dict:
+        lora_alpha: float | None = None, lora_dropout: float = 0.0, lora_target_modules="all-linear",
+        tracking: dict | None = None) -> dict:
     """Fine-tune ``model_dir`` on ``dataset_path`` and write the model to ``out_dir``.
 
     ``batch_size`` is per device; the effective batch is batch_size x gradient_accumulation_steps x
@@ -315,14 +321,14 @@ def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float
 
         peft_config = LoraConfig(r=int(lora_rank), lora_alpha=float(lora_alpha), lora_dropout=float(lora_dropout),
                                  target_modules=lora_target_modules, bias="none", task_type="CAUSAL_LM")
-    # Trainer insists on an output_dir; with save_strategy "no" and report_to "none" nothing is
-    # written there, and it is never out_dir so a crash cannot leave a partial model behind.
+    # Trainer insists on an output_dir; with save_strategy "no" nothing is written there (curves
+    # reported to a tracker go to its own directory), and it is never out_dir so a crash cannot leave a partial model behind.
     scratch_root = tempfile.mkdtemp(prefix="lamdagent-sft-")
     try:
         config = SFTConfig(
             **_common_args(scratch_root, mode, learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
                            gradient_accumulation_steps=gradient_accumulation_steps, max_length=max_length, seed=seed,
-                           lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio),
+                           lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio, tracking=tracking),
             completion_only_loss=True,
             packing=False,
         )
@@ -348,7 +354,8 @@ def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float
 
 def dpo(model_dir, dataset_path, out_dir, *, learning_rate: float, beta: float, epochs: float = 1,
         batch_size: int = 8, gradient_accumulation_steps: int = 1, max_length: int = 512, seed: int = 42,
-        precision: str = "auto", lr_scheduler_type: str = "linear", warmup_ratio: float = 0.0, log_path=None) -> dict:
+        precision: str = "auto", lr_scheduler_type: str = "linear", warmup_ratio: float = 0.0, log_path=None,
+        tracking: dict | None = None) -> dict:
     """DPO of ``model_dir`` on the preference pairs of ``dataset_path``; writes the model to ``out_dir``.
 
     The reference is a frozen copy of ``model_dir``; ``beta`` weighs the implicit KL penalty.
@@ -372,7 +379,7 @@ def dpo(model_dir, dataset_path, out_dir, *, learning_rate: float, beta: float, 
         config = DPOConfig(
             **_common_args(scratch_root, mode, learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
                            gradient_accumulation_steps=gradient_accumulation_steps, max_length=max_length, seed=seed,
-                           lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio),
+                           lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio, tracking=tracking),
             beta=float(beta),
         )
         trainer = DPOTrainer(
