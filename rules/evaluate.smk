@@ -4,6 +4,9 @@ rule evaluate:
         unpack(evaluate_inputs),
     output:
         evaluation="results/evals/{model}/{split}.json",
+    params:
+        tasks=evaluation_tasks,
+        settings=EVALUATION_SETTINGS,
     threads: config["resources"]["evaluate"]["threads"]
     resources:
         **resources_of("evaluate"),
@@ -25,6 +28,7 @@ rule score:
         score="results/scores/{model}.json",
     params:
         card_dir=lambda wildcards: card_dir(wildcards.model),
+        eval_tasks=scoring_spec(config["eval_tasks"], "val"),
     log:
         "results/logs/score/{model}.log",
     benchmark:
