@@ -37,7 +37,9 @@ DEFAULTS: dict[str, Any] = {
     "generated_models_join": ["models"],
     "keep_top_k": None,  # off: every model keeps its weights
     "training": {"epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1, "max_length": 512,
-                 "precision": "auto", "lr_scheduler_type": "linear", "warmup_ratio": 0.0},
+                 "precision": "auto", "lr_scheduler_type": "linear", "warmup_ratio": 0.0,
+                 # auto: the trained model's own dtype (a bf16 base gives bf16 weights); see train.resolve_save_dtype
+                 "save_dtype": "auto"},
     "merging": {"dtype": "float32", "normalize": True},
     "evaluation": {"batch_size": 16, "backend": "hf", "limit": None, "device": "auto", "dtype": "auto"},
     # Prices default to 0 (the embedded agent runs locally); set them for an API model and rented GPUs.
