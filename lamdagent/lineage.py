@@ -509,7 +509,9 @@ def _node_lines(node: dict, label: str, prefix: str, last: bool, top: bool) -> l
         lines.append(f"{prefix}{joint}{label}{node['model']}  [{recipe['action']} seed={recipe['seed']}; {params}]")
         child = prefix + ("" if top else ("   " if last else "│  "))
         lines.append(f"{child}   run {run.get('started')} → {run.get('ended')}, {run.get('wall_s')} s wall, "
-                     f"{run.get('cpu_s')} CPU s, {run.get('gpu_s')} GPU s, {run['device']} {run['precision']}; {det}")
+                     f"{run.get('cpu_s')} CPU s, {run.get('gpu_s')} GPU s, {run['device']} {run['precision']}"
+                     + (f", saved in {run['metrics']['save_dtype']}" if "save_dtype" in run.get("metrics", {}) else "")
+                     + f"; {det}")
         for key, value in node.get("details", {}).items():
             if isinstance(value, dict):
                 value = ", ".join(f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in value.items())
