@@ -115,6 +115,9 @@ def load(config: dict, workdir: str | Path = ".") -> dict:
     """Validate ``config`` (as Snakemake read it) and return it with defaults filled in."""
     if not isinstance(config, dict) or not config:
         raise ConfigError("(top level)", "the config is empty; pass --configfile config/config.yaml")
+    if (config.get("evaluation") or {}).get("backend") == "vllm":  # said plainly, before the schema's enum message
+        raise ConfigError("evaluation.backend", "'vllm' is not supported: no environment of the workflow installs "
+                                                "vLLM and no test runs it; use 'hf'")
     _schema_check(config)
     config = _merge_defaults(config, DEFAULTS)
     check(config, Path(workdir))
