@@ -280,9 +280,9 @@ def test_trained_weights_are_saved_in_the_base_dtype(tiny_model_dir, bf16_base_d
     for name, run in runs.items():
         metrics = run(tmp_path / name)
         dtype = expected[name]
-        assert metrics["save_dtype"] == dtype, name
-        assert metrics["precision"] == "fp32", name  # trained in fp32 on the CPU either way: only the saving differs
         assert _weight_dtypes(tmp_path / name) == {"BF16" if dtype == "bfloat16" else "F32"}, name
         assert read_json(tmp_path / name / "config.json")["dtype"] == dtype, name
+        assert metrics["save_dtype"] == dtype, name  # what the lineage records
+        assert metrics["precision"] == "fp32", name  # trained in fp32 on the CPU either way: only the saving differs
     with pytest.raises(ValueError, match="save_dtype"):
         sft(tiny_model_dir, dataset, tmp_path / "bad", save_dtype="int8", **kwargs)
