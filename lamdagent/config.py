@@ -37,7 +37,9 @@ DEFAULTS: dict[str, Any] = {
     "generated_models_join": ["models"],
     "keep_top_k": None,  # off: every model keeps its weights
     "training": {"epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1, "max_length": 512,
-                 "precision": "auto", "lr_scheduler_type": "linear", "warmup_ratio": 0.0},
+                 "precision": "auto", "lr_scheduler_type": "linear", "warmup_ratio": 0.0,
+                 # auto: the trained model's own dtype (a bf16 base gives bf16 weights); see train.resolve_save_dtype
+                 "save_dtype": "auto"},
     "merging": {"dtype": "float32", "normalize": True},
     "evaluation": {"batch_size": 16, "backend": "hf", "limit": None, "device": "auto", "dtype": "auto",
                    "include_paths": []},
@@ -117,6 +119,9 @@ def load(config: dict, workdir: str | Path = ".") -> dict:
     """Validate ``config`` (as Snakemake read it) and return it with defaults filled in."""
     if not isinstance(config, dict) or not config:
         raise ConfigError("(top level)", "the config is empty; pass --configfile config/config.yaml")
+    if (config.get("evaluation") or {}).get("backend") == "vllm":  # said plainly, before the schema's enum message
+        raise ConfigError("evaluation.backend", "'vllm' is not supported: no environment of the workflow installs "
+                                                "vLLM and no test runs it; use 'hf'")
     _schema_check(config)
     config = _merge_defaults(config, DEFAULTS)
     check(config, Path(workdir))

@@ -281,10 +281,10 @@ def evaluate(smk):
     from .evaluate import evaluate as run_evaluate, offline_if_fetched
     from .failures import read_failure
     from .lineage import start_clock, stop_clock
-    from .score import split_tasks
 
-    settings = smk.config["evaluation"]
-    tasks = list(split_tasks(smk.config["eval_tasks"], smk.wildcards.split).values())
+    # The tasks and the settings that determine the result come from params (the rule's rerun trigger).
+    settings = {**smk.config["evaluation"], **smk.params.settings}
+    tasks = list(smk.params.tasks)
     _require_weights(smk.input.model)
     with job_context(smk):
         failure = read_failure(smk.input.model)
@@ -304,7 +304,7 @@ def evaluate(smk):
         include = [str(path) for path in smk.input.get("tasks", [])] + list(settings["include_paths"])
         run_evaluate(smk.input.model, tasks, smk.output.evaluation, batch_size=settings["batch_size"],
                      device=settings["device"], dtype=settings["dtype"], backend=settings["backend"],
-                     limit=settings["limit"], seed=smk.config["seed"], extra_include_paths=include,
+                     limit=settings["limit"], seed=settings["seed"], extra_include_paths=include,
                      usage=lambda: stop_clock(clock))
 
 
@@ -325,7 +325,7 @@ def score(smk):
     from .lineage import refresh_card
 
     with job_context(smk):
-        result = compute_score(read_json(smk.input.evaluation), smk.config["eval_tasks"], "val")
+        result = compute_score(read_json(smk.input.evaluation), smk.params.eval_tasks, "val")
         result["model"] = smk.wildcards.model
         atomic_write_json(smk.output.score, result)
         if smk.params.card_dir and refresh_card(smk.params.card_dir, {"validation": result}):

@@ -509,7 +509,9 @@ def _node_lines(node: dict, label: str, prefix: str, last: bool, top: bool) -> l
         lines.append(f"{prefix}{joint}{label}{node['model']}  [{recipe['action']} seed={recipe['seed']}; {params}]")
         child = prefix + ("" if top else ("   " if last else "│  "))
         lines.append(f"{child}   run {run.get('started')} → {run.get('ended')}, {run.get('wall_s')} s wall, "
-                     f"{run.get('cpu_s')} CPU s, {run.get('gpu_s')} GPU s, {run['device']} {run['precision']}; {det}")
+                     f"{run.get('cpu_s')} CPU s, {run.get('gpu_s')} GPU s, {run['device']} {run['precision']}"
+                     + (f", saved in {run['metrics']['save_dtype']}" if "save_dtype" in run.get("metrics", {}) else "")
+                     + f"; {det}")
         for key, value in node.get("details", {}).items():
             if isinstance(value, dict):
                 value = ", ".join(f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in value.items())
@@ -643,9 +645,16 @@ def rebuild_plan(lineage: dict) -> list[dict]:
     return steps
 
 
-def sft_kwargs(recipe: dict, model_dir, dataset_path, out_dir) -> dict:
+def recorded_save_dtype(lineage: dict) -> str:
+    """The dtype a trained model's weights were written in, as its lineage records it. Models trained
+    before ``training.save_dtype`` existed were always written in float32, whatever their base."""
+    return lineage.get("run", {}).get("metrics", {}).get("save_dtype", "float32")
+
+
+def sft_kwargs(recipe: dict, model_dir, dataset_path, out_dir, save_dtype: str | None = None) -> dict:
     """The keyword arguments of ``lamdagent.train.sft`` (or ``dpo``) for an sft, sft_lora or dpo recipe
-    (the job and rebuild share them)."""
+    (the job and rebuild share them). ``save_dtype``: the recipe's (``auto`` when it names none) unless
+    given; a rebuild gives the recorded one, so that it writes the same bytes."""
     params = recipe["params"]
     extra: dict[str, Any] = {}
     if recipe["action"] == "sft_lora":
@@ -667,6 +676,7 @@ def sft_kwargs(recipe: dict, model_dir, dataset_path, out_dir) -> dict:
         precision=params["precision"],
         lr_scheduler_type=params["lr_scheduler_type"],
         warmup_ratio=params["warmup_ratio"],
+        save_dtype=save_dtype or params.get("save_dtype", "auto"),
     )
 
 
@@ -698,9 +708,9 @@ def merge_precision(dtype: str) -> str:
     return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
 
 
-def build_step(recipe: dict, parents: dict, datasets: dict, out_dir, config: dict) -> dict:
+def build_step(recipe: dict, parents: dict, datasets: dict, out_dir, config: dict, save_dtype: str | None = None) -> dict:
     """Run one recipe in this process (train.sft or merge.ties_merge, as the single-process jobs do)
-    and record it; returns the new lineage."""
+    and record it; returns the new lineage. ``save_dtype``: see ``sft_kwargs``."""
     import torch
 
     from .actions import action_spec
@@ -713,7 +723,7 @@ def build_step(recipe: dict, parents: dict, datasets: dict, out_dir, config: dic
         with measure() as usage:
             if family == "train":
                 trainer = getattr(train, TRAIN_METHOD[recipe["action"]])
-                metrics = trainer(**sft_kwargs(recipe, parents["model"], datasets["dataset"], staged))
+                metrics = trainer(**sft_kwargs(recipe, parents["model"], datasets["dataset"], staged, save_dtype))
                 precision, device = metrics["precision"], "cuda" if torch.cuda.is_available() else "cpu"
             elif family == "merge":
                 metrics = merge(**merge_kwargs(recipe, parents, staged))
@@ -826,7 +836,7 @@ def rebuild(lineage: dict, results: str | os.PathLike, say=print) -> list[dict]:
         if threads:  # CPU float reductions are split by thread: same count, same bits
             torch.set_num_threads(threads)
         say(f"building {node['model']} = {pipeline(node)}")
-        new = build_step(recipe, parents, datasets, out, config)
+        new = build_step(recipe, parents, datasets, out, config, recorded_save_dtype(node))
         dirs[node["model"]] = out
         recorded, rebuilt = weight_files(node["files"]), weight_files(new["files"])
         same = recorded == rebuilt

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .fileio import atomic_write_json, read_json, sha256_file
-from .lineage import LINEAGE_FILE, build_step, weight_files
+from .lineage import LINEAGE_FILE, build_step, recorded_save_dtype, weight_files
 from .plan import step_entries
 from .recipe import RecipeStore, is_built_id
 
@@ -165,7 +165,7 @@ def _rebuild_weights(name: str, directory, recipes: RecipeStore, results: Path, 
         shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}.restore."))
     try:
-        build_step(recipe, parents, datasets, scratch / "model", config)
+        build_step(recipe, parents, datasets, scratch / "model", config, recorded_save_dtype(lineage))
         expected = weight_files(lineage["files"])
         got = {file: sha256_file(scratch / "model" / file) for file in expected}
         identical = got == expected

@@ -39,6 +39,11 @@ def action_settings(action: str, *, training: dict, merging: dict) -> dict:
     if spec.family == "merge":
         return {key: merging[key] for key in MERGE_SETTINGS[spec.merge_method] if key in merging}
     settings = {key: training[key] for key in sorted(training)}
+    # The dtype the weights are saved in enters the recipe (and so the id) only when it is not the
+    # default: a model saved in another dtype is another file target, and the ids of recipes made
+    # before the setting existed stay as they were.
+    if settings.get("save_dtype", "auto") == "auto":
+        settings.pop("save_dtype", None)
     if action == "sft_lora":
         settings.update(LORA_FIXED)
     return settings

@@ -45,6 +45,19 @@ def alpha(eval_task: dict) -> float:
     return 1.0 / float(maximum)
 
 
+def scoring_spec(eval_tasks: list[dict], split: str = "val") -> list[dict]:
+    """What turns an evaluation of ``split`` into a score, normalised: per task its lm-eval name, metric
+    and weight alpha (``auto`` resolved). The `score` rule's params: a change rescores, and only a
+    change of meaning does (``weight: auto`` and ``1.0`` on exact match are the same spec)."""
+    splits = ("val",) if split == "val" else ("test", "ood")
+    spec = []
+    for eval_task in eval_tasks:
+        names = eval_task.get("lm_eval_task") or {s: f"{EMBEDDED_PREFIX}_{eval_task['task']}_{s}" for s in splits}
+        spec.append({"task": eval_task["task"], "metric": eval_task.get("metric", "exact_match"),
+                     "weight": alpha(eval_task), "lm_eval_task": {s: names[s] for s in splits if names.get(s)}})
+    return spec
+
+
 def score(eval_result: dict, eval_tasks: list[dict], split: str = "val") -> dict:
     """Per-task scores and s_multi from one evaluation JSON (see ``lamdagent.evaluate``)."""
     from .evaluate import task_metric

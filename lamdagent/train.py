@@ -23,6 +23,7 @@ from pathlib import Path
 from .fileio import atomic_directory, atomic_write_json, read_jsonl, read_jsonl_lines
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SAVE_DTYPES = ("auto", "float32", "bfloat16")
 ADAPTER_DIR = "adapter"
 
 
@@ -86,6 +87,20 @@ def resolve_precision(precision: str) -> str:
     import torch
 
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def resolve_save_dtype(save_dtype: str, model_dir) -> str:
+    """The dtype a trained model is written in: ``auto`` is that of the model trained (its config.json
+    ``dtype``, or ``torch_dtype`` as older transformers wrote it; float32 when it names none), so a
+    bf16 base gives bf16 weights, like the merges of it, rather than twice the bytes in fp32."""
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype must be one of {SAVE_DTYPES}, got {save_dtype!r}")
+    if save_dtype != "auto":
+        return save_dtype
+    config_path = Path(model_dir) / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return str(dtype).removeprefix("torch.")
 
 
 def strip_stale_gguf_config(config) -> bool:
@@ -197,8 +212,12 @@ def _common_args(scratch_root: str, mode: str, *, learning_rate, epochs, batch_s
     )
 
 
-def _train_and_save(trainer, tokenizer, out_dir, *, lora: bool) -> tuple:
-    """Train, then write the model (LoRA: merged into the weights, the adapter in ``adapter/``)."""
+def _train_and_save(trainer, tokenizer, out_dir, *, lora: bool, save_dtype: str) -> tuple:
+    """Train, then write the model in ``save_dtype`` (LoRA: merged into the weights, the adapter, as
+    trained, in ``adapter/``). Rounding fp32 master weights to bf16 is deterministic: a CPU fp32 build
+    saved in bf16 is still rebuilt bit-identically."""
+    import torch
+
     result = trainer.train()
     history = list(trainer.state.log_history)
     steps = trainer.state.global_step
@@ -209,7 +228,7 @@ def _train_and_save(trainer, tokenizer, out_dir, *, lora: bool) -> tuple:
             if lora:
                 unwrapped.save_pretrained(scratch / ADAPTER_DIR)  # adapter_config.json + adapter weights
                 unwrapped = unwrapped.merge_and_unload()
-            unwrapped.save_pretrained(scratch)
+            unwrapped.to(getattr(torch, save_dtype)).save_pretrained(scratch)  # config.json gets the dtype
             tokenizer.save_pretrained(scratch)
             atomic_write_json(scratch / "training_log.json", history)
     # Other ranks return only once out_dir is complete, so a caller never sees a partial model.
@@ -217,7 +236,7 @@ def _train_and_save(trainer, tokenizer, out_dir, *, lora: bool) -> tuple:
     return result, history, steps
 
 
-def _metrics(result, history, steps, mode, examples) -> dict:
+def _metrics(result, history, steps, mode, examples, save_dtype) -> dict:
     runtime = float(result.metrics.get("train_runtime", 0.0))
     tokens = next((rec["num_tokens"] for rec in reversed(history) if "num_tokens" in rec), None)
     return {
@@ -227,6 +246,7 @@ def _metrics(result, history, steps, mode, examples) -> dict:
         "tokens_seen": int(tokens) if tokens is not None else None,
         "tokens_per_s": float(tokens) / runtime if tokens and runtime > 0 else None,
         "precision": mode,
+        "save_dtype": save_dtype,
         "examples": len(examples),
     }
 
@@ -297,18 +317,20 @@ def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float
         gradient_accumulation_steps: int = 1, max_length: int = 512, seed: int = 42, precision: str = "auto",
         lr_scheduler_type: str = "linear", warmup_ratio: float = 0.0, log_path=None, lora_rank: int | None = None,
         lora_alpha: float | None = None, lora_dropout: float = 0.0, lora_target_modules="all-linear",
-        tracking: dict | None = None) -> dict:
+        save_dtype: str = "auto", tracking: dict | None = None) -> dict:
     """Fine-tune ``model_dir`` on ``dataset_path`` and write the model to ``out_dir``.
 
     ``batch_size`` is per device; the effective batch is batch_size x gradient_accumulation_steps x
     number of processes. ``lora_rank`` (with ``lora_alpha``) trains a peft LoRA adapter instead of
-    every weight. Returns train_loss, steps, train_runtime_s, tokens_seen, tokens_per_s.
+    every weight. ``save_dtype`` (see ``resolve_save_dtype``) is the dtype the weights are written in.
+    Returns train_loss, steps, train_runtime_s, tokens_seen, tokens_per_s, precision, save_dtype.
     """
     lora = lora_rank is not None
     _check_hyperparameters(learning_rate, epochs, batch_size, gradient_accumulation_steps, max_length, warmup_ratio,
                            **({"lora_rank": lora_rank, "lora_alpha": lora_alpha or 0} if lora else {}))
     examples = load_prompt_completion(dataset_path)  # fail on bad data before loading a model
     mode = resolve_precision(precision)
+    save_dtype = resolve_save_dtype(save_dtype, model_dir)
 
     import torch
     from datasets import Dataset
@@ -343,10 +365,10 @@ def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float
             peft_config=peft_config,
         )
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        result, history, steps = _train_and_save(trainer, tokenizer, out_dir, lora=lora)
+        result, history, steps = _train_and_save(trainer, tokenizer, out_dir, lora=lora, save_dtype=save_dtype)
     finally:
         shutil.rmtree(scratch_root, ignore_errors=True)
-    metrics = _metrics(result, history, steps, mode, examples)
+    metrics = _metrics(result, history, steps, mode, examples, save_dtype)
     metrics["trainable_params"] = trainable
     metrics["loss_head"] = "full_logits" if full_logits else "trl_fused"
     return metrics
@@ -355,7 +377,7 @@ def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float
 def dpo(model_dir, dataset_path, out_dir, *, learning_rate: float, beta: float, epochs: float = 1,
         batch_size: int = 8, gradient_accumulation_steps: int = 1, max_length: int = 512, seed: int = 42,
         precision: str = "auto", lr_scheduler_type: str = "linear", warmup_ratio: float = 0.0, log_path=None,
-        tracking: dict | None = None) -> dict:
+        save_dtype: str = "auto", tracking: dict | None = None) -> dict:
     """DPO of ``model_dir`` on the preference pairs of ``dataset_path``; writes the model to ``out_dir``.
 
     The reference is a frozen copy of ``model_dir``; ``beta`` weighs the implicit KL penalty.
@@ -365,6 +387,7 @@ def dpo(model_dir, dataset_path, out_dir, *, learning_rate: float, beta: float, 
                            beta=beta)
     examples = load_preference(dataset_path)  # fail on bad data before loading a model
     mode = resolve_precision(precision)
+    save_dtype = resolve_save_dtype(save_dtype, model_dir)
 
     import torch
     from datasets import Dataset
@@ -390,10 +413,10 @@ def dpo(model_dir, dataset_path, out_dir, *, learning_rate: float, beta: float, 
             processing_class=tokenizer,
             callbacks=_make_callbacks(log_path),
         )
-        result, history, steps = _train_and_save(trainer, tokenizer, out_dir, lora=False)
+        result, history, steps = _train_and_save(trainer, tokenizer, out_dir, lora=False, save_dtype=save_dtype)
     finally:
         shutil.rmtree(scratch_root, ignore_errors=True)
-    metrics = _metrics(result, history, steps, mode, examples)
+    metrics = _metrics(result, history, steps, mode, examples, save_dtype)
     last = next((rec for rec in reversed(history) if "loss" in rec), {})
     for key in ("rewards/accuracies", "rewards/margins"):
         if key in last:

@@ -10,6 +10,7 @@ from lamdagent.objects import Pool
 from lamdagent.plan import dag_recursion_limit, step_entries
 from lamdagent.prune import is_pruned
 from lamdagent.recipe import RecipeStore, is_built_id
+from lamdagent.score import scoring_spec, split_tasks
 
 # A bad config stops here, at parse time, before any job: one line naming the key. So does training
 # data that holds evaluation prompts (lamdagent.contamination; counts cached for the re-parse of every cluster job).
@@ -166,6 +167,19 @@ def restore_inputs(wildcards):
 
 
 # ---- evaluation -------------------------------------------------------------------------------
+
+
+# What determines an evaluation and a score is in the rules' `params`, Snakemake's rerun trigger: a
+# change of the tasks or these settings re-evaluates, of a metric or weight rescores. Each value is
+# computed from config alone, in a fixed order, so that an unchanged config reruns nothing.
+# batch_size and device say how an evaluation runs, not what it measures: they re-evaluate nothing.
+EVALUATION_SETTINGS = {"backend": config["evaluation"]["backend"], "dtype": config["evaluation"]["dtype"],
+                       "limit": config["evaluation"]["limit"], "seed": config["seed"]}
+
+
+def evaluation_tasks(wildcards):
+    """The lm-eval tasks of one split's evaluation (sorted: their order in config changes nothing)."""
+    return sorted(split_tasks(config["eval_tasks"], wildcards.split).values())
 
 
 def evaluate_inputs(wildcards):

@@ -5,6 +5,9 @@ rule evaluate:
     output:
         # With judged tasks, the model's answers; rule judge then writes the evaluation.
         evaluation=answers_path(),
+    params:
+        tasks=evaluation_tasks,
+        settings=EVALUATION_SETTINGS,
     threads: config["resources"]["evaluate"]["threads"]
     resources:
         **resources_of("evaluate"),
@@ -50,6 +53,7 @@ rule score:
         score="results/scores/{model}.json",
     params:
         card_dir=lambda wildcards: card_dir(wildcards.model),
+        eval_tasks=scoring_spec(config["eval_tasks"], "val"),
     log:
         "results/logs/score/{model}.log",
     benchmark:

@@ -79,6 +79,8 @@ BAD = [
     ("data.train_examples", 0, "data.train_examples"),
     ("data", "DELETE", "data"),
     ("training.precision", "int4", "training.precision"),
+    ("training.save_dtype", "float16", "training.save_dtype"),
+    ("evaluation.backend", "vllm", "evaluation.backend: 'vllm' is not supported"),
     ("generated_models_join", ["sft_dataset"], "generated_models_join[0]"),
     ("keep_top_k", 0, "keep_top_k"),
     ("keep_top_k", "two", "keep_top_k"),

@@ -21,17 +21,13 @@ def test_own_task_names_are_the_nine_yaml_tasks():
     assert TASKS_DIR.is_dir()
 
 
-def test_model_args_for_each_backend():
+def test_model_args_for_the_hf_backend_and_no_other():
     assert model_args("hf", "/m", "cpu", "float32", 8) == (
         "hf", {"pretrained": "/m", "device": "cpu", "dtype": "float32", "batch_size": 8})
-    name, args = model_args("vllm", "/m", "cuda", "bfloat16", "auto")
-    assert name == "vllm"
-    assert args["pretrained"] == "/m" and args["dtype"] == "bfloat16" and args["batch_size"] == "auto"
-    assert "device" not in args  # vLLM's LM class takes no device argument
-    with pytest.raises(ValueError, match="CUDA"):
-        model_args("vllm", "/m", "cpu", "float32", 8)
-    with pytest.raises(ValueError, match="unknown backend"):
-        model_args("sglang", "/m", "cpu", "float32", 8)
+    # vLLM is not offered until an environment installs it and a test runs it (no stub backend).
+    for backend in ("vllm", "sglang"):
+        with pytest.raises(ValueError, match="unknown backend"):
+            model_args(backend, "/m", "cuda", "bfloat16", 8)
 
 
 RESULT = {

@@ -204,3 +204,36 @@ def test_gpu_meter_samples_until_stopped_and_says_why_when_it_cannot():
 
     usage = lin.GpuMeter(sample=no_nvml, interval_s=0.01).start().stop()
     assert usage["gpu_busy_s"] is None and "pynvml" in usage["gpu_busy_s_is"]
+
+
+def test_a_bf16_base_trains_into_bf16_weights_recorded_and_rebuilt_bit_identically(chain, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "tiny-bf16"
+    AutoModelForCausalLM.from_pretrained(chain["tiny"], dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(chain["tiny"]).save_pretrained(base)
+    results = chain["results"]
+    config = {"seed": 3, "data": {"train_examples": 4}, "models": {"tiny-bf16": {"source": "local", "path": str(base)}},
+              "datasets": {"arith": {"source": "embedded", "tasks": ["arith"]}}}
+    dataset = results / "datasets" / "arith.jsonl"
+    recipe = make_recipe("sft", ["tiny-bf16", "arith", 1e-3], datasets={"arith": dataset_entry(dataset)},
+                         training={**TRAINING, "save_dtype": "auto"}, merging=MERGING, seed=0)
+    assert "save_dtype" not in recipe["params"]  # the default stays out of the recipe and the id
+    model = RecipeStore(results / "recipes").save(recipe)
+    out = tmp_path / "models" / model
+    record = lin.build_step(recipe, {"model": base}, {"dataset": dataset}, out, config)
+    assert record["run"]["metrics"]["save_dtype"] == "bfloat16" and lin.recorded_save_dtype(record) == "bfloat16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert record["determinism"]["bit_reproducible"]  # CPU fp32 training; rounding to bf16 is deterministic
+
+    fresh = tmp_path / "fresh"
+    report = lin.rebuild(record, fresh, say=lambda *_: None)
+    assert [step["identical"] for step in report] == [True]
+    assert sha256_file(fresh / "models" / model / "model.safetensors") == sha256_file(out / "model.safetensors")
+
+    # A model trained before save_dtype existed was written in float32 whatever its base: its
+    # rebuild writes float32 again, so its recorded hashes still hold.
+    old = json.loads(json.dumps(record))
+    del old["run"]["metrics"]["save_dtype"]
+    assert lin.recorded_save_dtype(old) == "float32"

@@ -141,3 +141,17 @@ def test_lineage_details_name_the_library_the_adapter_and_the_seeded_randomness(
     record = determinism("cpu", "fp32", 1, random=details["random"])
     assert record["bit_reproducible"] and "seeded with 5" in record["reason"]
     assert not determinism("cuda", "fp32", 1, random=details["random"])["bit_reproducible"]
+
+
+def test_the_default_save_dtype_keeps_existing_ids_and_another_one_changes_them():
+    from lamdagent.config import DEFAULTS
+
+    before = {key: value for key, value in DEFAULTS["training"].items() if key != "save_dtype"}  # recipes made before it
+    assert DEFAULTS["training"]["save_dtype"] == "auto"
+    for action, values in (("sft", ("smollm2", "arith", 1e-5)), ("sft_lora", ("smollm2", "arith", 1e-5, 4, 8))):
+        def recipe(training):
+            return make_recipe(action, values, datasets=DATASETS, training=training, merging=MERGING, seed=42)
+
+        assert recipe(DEFAULTS["training"]) == recipe(before)
+        as_bf16 = recipe({**DEFAULTS["training"], "save_dtype": "bfloat16"})
+        assert as_bf16["params"]["save_dtype"] == "bfloat16" and model_id(as_bf16) != model_id(recipe(before))

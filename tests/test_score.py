@@ -33,3 +33,17 @@ def test_real_lm_eval_tasks_are_named_in_config():
     task = {"task": "gsm8k", "lm_eval_task": {"val": "gsm8k_val", "test": "gsm8k"}}
     assert lm_eval_tasks(task, "val") == {"gsm8k": "gsm8k_val"}
     assert lm_eval_tasks(task, "test") == {"gsm8k": "gsm8k"}
+
+
+def test_scoring_spec_is_what_the_score_depends_on():
+    from lamdagent.score import scoring_spec
+
+    auto = [{"task": "arith", "metric": "exact_match", "weight": "auto"}]
+    assert scoring_spec(auto) == scoring_spec([{"task": "arith", "weight": 1.0}])
+    assert scoring_spec(auto) != scoring_spec([{"task": "arith", "weight": 2.0}])
+    # Only the split scored enters: the test split's lm-eval task does not rescore validation.
+    real = [{"task": "gsm8k", "metric": "exact_match", "lm_eval_task": {"val": "gsm8k_val", "test": "gsm8k"}}]
+    assert scoring_spec(real) == [{"task": "gsm8k", "metric": "exact_match", "weight": 1.0,
+                                   "lm_eval_task": {"val": "gsm8k_val"}}]
+    evaluation = {"tasks": {"gsm8k_val": {"exact_match,strict": 0.5}}}
+    assert score(evaluation, scoring_spec(real), "val")["s_multi"] == score(evaluation, real, "val")["s_multi"] == 0.5

@@ -32,6 +32,9 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 # The rules the workflow submits to SLURM; every other rule is a localrule (agent, data, report).
 REMOTE_RULES = {"import_model", "sft", "ties_merging", "evaluate"}
 AGENT_RULES = {"init_pool", "initial_step", "propose", "update_memory"}
+# The tiny model's jobs on the CI node (no GPU, 2 CPUs): no GPU, one CPU, 3000 MB, 20 min, no retry.
+CI_RESOURCES = {family: {"gpu": 0, "cpus_per_gpu": 1, "threads": 1, "mem_mb": 3000, "runtime": 20, "retries": 0}
+                for family in REMOTE_RULES}
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -127,29 +130,28 @@ def assert_ran_in_slurm(jobs: list[tuple[str, str, Path]]) -> None:
 # ---- phase 1: the infrastructure, with a throwaway workflow ----------------------------------------
 
 THROWAWAY = textwrap.dedent('''
-    # Named like the workflow's model rules, so profiles/slurm-ci's set-resources apply to them:
-    # they ask for a GPU here, the profile takes it away again (the CI node has none).
+    # Named like the workflow's model rules; as there, the job sizes are the rules' own (the
+    # profile sets none): no GPU (the CI node has none), one CPU, 3000 MB, 20 min.
     rule all:
         input: "out/summary.txt"
 
     rule sft:
         output: "out/sft_{i}.txt"
-        threads: 4
+        threads: 1
         resources:
-            gpu=1,
-            cpus_per_gpu=8,
-            mem_mb=lambda wildcards, attempt: 16000 * attempt,
-            runtime=lambda wildcards, attempt: 120 * attempt,
+            gpu=0,
+            mem_mb=lambda wildcards, attempt: 3000 * attempt,
+            runtime=lambda wildcards, attempt: 20 * attempt,
         shell: "echo rule=sft SLURM_JOB_ID=${{SLURM_JOB_ID:-none}} partition=${{SLURM_JOB_PARTITION:-none}} > {output}"
 
     rule evaluate:
         input: "out/sft_{i}.txt"
         output: "out/eval_{i}.txt"
+        threads: 1
         resources:
-            gpu=1,
-            cpus_per_gpu=8,
-            mem_mb=16000,
-            runtime=60,
+            gpu=0,
+            mem_mb=3000,
+            runtime=20,
         shell: "echo rule=evaluate SLURM_JOB_ID=${{SLURM_JOB_ID:-none}} > {output}"
 
     rule summarize:
@@ -185,7 +187,7 @@ def test_throwaway_workflow_goes_through_sbatch(slurm_cluster, tmp_path):
     assert (tmp_path / "out/summary.txt").read_text().splitlines()[-1] == "rule=summarize SLURM_JOB_ID=none"
     assert re.search(r"^localrule summarize:", output, re.M)
 
-    # The profile's set-resources reached sbatch: no GPU, one CPU, 3000 MB, 20 min (not the rules' 16 GB, 2 h).
+    # The rules' resources reached sbatch (the profile sets none): no GPU, 3000 MB, 20 min.
     shown = subprocess.run(["scontrol", "show", "job", sorted(slurm_ids)[0]], capture_output=True, text=True)
     if shown.returncode == 0:  # jobs leave slurmctld MinJobAge seconds after they end
         assert "TimeLimit=00:20:00" in shown.stdout and "mem=3000M" in shown.stdout, shown.stdout
@@ -211,8 +213,11 @@ def test_exploration_on_slurm_matches_local_run(slurm_cluster, tiny_model_dir, t
 
     iterations = 2
     local_dir, slurm_dir = tmp_path / "local", tmp_path / "slurm"
-    local_config = write_tiny_config(local_dir, tiny_model_dir, iterations=iterations, controller={"type": "random"})
-    slurm_config = write_tiny_config(slurm_dir, tiny_model_dir, iterations=iterations, controller={"type": "random"})
+    # Job sizes for the CI node come from the config, as on any cluster (profiles/slurm-ci sets none).
+    local_config = write_tiny_config(local_dir, tiny_model_dir, iterations=iterations, controller={"type": "random"},
+                                     resources=CI_RESOURCES)
+    slurm_config = write_tiny_config(slurm_dir, tiny_model_dir, iterations=iterations, controller={"type": "random"},
+                                     resources=CI_RESOURCES)
 
     run_snakemake(local_dir, local_config, "--workflow-profile", "none", timeout=1200)
     result = run_snakemake(slurm_dir, slurm_config, "--profile", str(CI_PROFILE), "--workflow-profile", "none",

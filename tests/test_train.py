@@ -242,3 +242,47 @@ def test_preference_rows_are_checked(tmp_path):
         load_preference(path)
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     assert load_preference(path)[0]["rejected"] == [{"role": "assistant", "content": "c"}]
+
+
+def _weight_dtypes(model_dir: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as handle:
+        return {str(handle.get_slice(name).get_dtype()) for name in handle.keys()}
+
+
+@pytest.fixture(scope="module")
+def bf16_base_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model saved in bfloat16, as a bf16 hub model (Gemma-2) is."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("bf16") / "tiny-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def test_trained_weights_are_saved_in_the_base_dtype(tiny_model_dir, bf16_base_dir, dataset, preferences, tmp_path):
+    kwargs = dict(learning_rate=1e-3, epochs=1, batch_size=4, max_length=64, seed=7)
+    assert read_json(bf16_base_dir / "config.json")["dtype"] == "bfloat16" and _weight_dtypes(bf16_base_dir) == {"BF16"}
+    runs = {
+        "sft-bf16": lambda out: sft(bf16_base_dir, dataset, out, **kwargs),
+        "lora-bf16": lambda out: sft(bf16_base_dir, dataset, out, lora_rank=4, lora_alpha=8, **kwargs),
+        "dpo-bf16": lambda out: dpo(bf16_base_dir, preferences, out, beta=0.1, **kwargs),
+        "sft-fp32": lambda out: sft(tiny_model_dir, dataset, out, **kwargs),
+        # An explicit save_dtype wins over the base's.
+        "sft-bf16-as-fp32": lambda out: sft(bf16_base_dir, dataset, out, save_dtype="float32", **kwargs),
+        "sft-fp32-as-bf16": lambda out: sft(tiny_model_dir, dataset, out, save_dtype="bfloat16", **kwargs),
+    }
+    expected = {"sft-bf16": "bfloat16", "lora-bf16": "bfloat16", "dpo-bf16": "bfloat16", "sft-fp32": "float32",
+                "sft-bf16-as-fp32": "float32", "sft-fp32-as-bf16": "bfloat16"}
+    for name, run in runs.items():
+        metrics = run(tmp_path / name)
+        dtype = expected[name]
+        assert _weight_dtypes(tmp_path / name) == {"BF16" if dtype == "bfloat16" else "F32"}, name
+        assert read_json(tmp_path / name / "config.json")["dtype"] == dtype, name
+        assert metrics["save_dtype"] == dtype, name  # what the lineage records
+        assert metrics["precision"] == "fp32", name  # trained in fp32 on the CPU either way: only the saving differs
+    with pytest.raises(ValueError, match="save_dtype"):
+        sft(tiny_model_dir, dataset, tmp_path / "bad", save_dtype="int8", **kwargs)
