@@ -235,3 +235,14 @@ def test_defaults_filled_in_still_satisfy_the_schema_without_a_ties_action(defau
     schema = yaml.safe_load((REPO / "lamdagent" / "schemas" / "config.schema.yaml").read_text())
     jsonschema.validate(loaded, schema)
     jsonschema.validate(load(copy.deepcopy(default_config), REPO), schema)
+
+
+def test_zero_iterations_is_valid_after_defaults(default_config):
+    """`iterations: 0` (only the initial pool) gives the random baseline the same budget, 0, which the
+    schema that the Snakefile validates the completed config against must accept."""
+    import jsonschema
+
+    config = load(_break(default_config, "iterations", 0), REPO)
+    assert config["baselines"]["random"]["iterations"] == 0
+    schema = yaml.safe_load((REPO / "lamdagent" / "schemas" / "config.schema.yaml").read_text())
+    jsonschema.validate(config, schema)
