@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
         "backoff": {"attempts": 5, "initial_s": 1.0, "max_s": 30.0, "multiplier": 2.0},
         "max_tokens": {"type_selection": 48, "object_selection": 24, "memory_update": 160},
         "stop": ["\n"],
+        "choice": "scored",  # the local controller scores the allowed candidates; text: parse its reply
+        "shuffle": True,  # candidates listed in a seeded permutation per call
     },
     "memory": {"max_words": 120, "initial": "No results yet."},
     "generated_models_join": ["models"],

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import time
@@ -34,6 +35,16 @@ class Completion:
     latency_s: float
     attempts: int = 1
     errors: list[str] = field(default_factory=list)  # the transient errors retried before this reply
+
+
+@dataclass
+class OptionScores:
+    """A closed-set answer: each option's log-likelihood as the continuation of the prompt."""
+
+    logprobs: list[float]
+    option_tokens: list[int]  # the tokens of each option (the log-likelihood is their sum)
+    tokens_in: int
+    latency_s: float
 
 
 @dataclass(frozen=True)
@@ -192,6 +203,46 @@ class TransformersController:
             tokens_out=int(new_tokens.shape[0]),
             latency_s=time.perf_counter() - started,
         )
+
+
+    # Options scored per forward pass: each row holds a copy of the prompt's cache.
+    OPTIONS_PER_BATCH = 16
+
+    def score_options(self, prompt: str, options: list[str], *, prefix: str = "") -> OptionScores:
+        """Log-likelihood of each option after the prompt and the start of the reply, as lm-eval scores
+        multiple choice (the sum over the option's tokens; context and option encoded apart).
+
+        The prompt is run once; its key/value cache is then shared by every option (copied per batch),
+        so that 20 options cost about one prompt, not 20.
+        """
+        import torch
+
+        started = time.perf_counter()
+        context = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     add_generation_prompt=True, tokenize=False) + prefix
+        context_ids = self.tokenizer(context, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        encoded = [self.tokenizer(option, add_special_tokens=False)["input_ids"] for option in options]
+        if not all(encoded):
+            raise ControllerError("an empty option cannot be scored")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        logprobs: list[float] = []
+        with torch.inference_mode():
+            out = self.model(input_ids=context_ids, use_cache=True)
+            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # the options' first token
+            for start in range(0, len(encoded), self.OPTIONS_PER_BATCH):
+                batch = encoded[start:start + self.OPTIONS_PER_BATCH]
+                ids = torch.full((len(batch), max(map(len, batch))), pad, dtype=torch.long)
+                for row, tokens in enumerate(batch):
+                    ids[row, :len(tokens)] = torch.tensor(tokens)
+                # Right padding needs no mask: a causal model's real tokens never see the pads after them.
+                cache = copy.deepcopy(out.past_key_values)
+                cache.batch_repeat_interleave(len(batch))
+                step = torch.log_softmax(self.model(input_ids=ids, past_key_values=cache).logits.float(), dim=-1)
+                for row, tokens in enumerate(batch):
+                    total = first[tokens[0]] + sum(step[row, t - 1, tokens[t]] for t in range(1, len(tokens)))
+                    logprobs.append(float(total))
+        return OptionScores(logprobs=logprobs, option_tokens=[len(t) for t in encoded],
+                            tokens_in=int(context_ids.shape[1]), latency_s=time.perf_counter() - started)
 
 
 def make_controller(controller_config: dict, *, model_dir: str | None = None, seed: int = 0):

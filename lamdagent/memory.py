@@ -17,7 +17,7 @@ def summary_memory(history: list[dict], new: dict | list[dict]) -> str:
     lines = []
     if scored:
         best = max(scored, key=lambda h: h["score"]["s_multi"])
-        lines.append(f"Best so far: {best['pipeline']} (score {best['score']['s_multi']:.3f}).")
+        lines.append(f"Best so far: {prompts.model_text(best)} (score {best['score']['s_multi']:.3f}).")
     if isinstance(new, dict):
         lines.append(f"Last step: {prompts.result_line(new)[2:]}.")
     else:
