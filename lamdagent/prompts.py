@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .actions import ACTIONS
+from .objects import made_name
 
 MAX_RESULT_LINES = 10
 MAX_FAILURE_LINES = 3  # the most recent failed actions shown in every prompt
@@ -21,7 +22,7 @@ def failure_text(entry: dict) -> str:
 
 def model_text(entry: dict) -> str:
     """``m3 = sft(specialist, all)``: a made model's short name beside its pipeline (a named model: its name)."""
-    name = entry.get("name")
+    name = entry.get("name") or (made_name(entry["iteration"], entry.get("index")) if entry.get("iteration") else None)
     return f"{name} = {entry['pipeline']}" if name and name != entry["pipeline"] else entry["pipeline"]
 
 

@@ -1,0 +1,179 @@
+"""Closed-set choice (``controller.choice: scored``), the seeded listing order, and the short names
+of the models the agent made (issues 16 and 25)."""
+
+import pytest
+
+from lamdagent.agent import CallLog, propose, propose_many
+from lamdagent.controller import OptionScores
+from lamdagent.prompts import results_block
+from lamdagent.recipe import RecipeStore, make_recipe, model_id
+from test_agent import DATASETS, GENERALIST, SPECIALIST, Scripted, config, pool, specialist
+
+# A model the agent made in iteration 1: in the pool by its hash only, as the workflow adds it.
+MADE_RECIPE = make_recipe("sft", (SPECIALIST, "all", 1e-5), datasets=DATASETS, training={"epochs": 1}, merging={},
+                          seed=7)
+MADE = model_id(MADE_RECIPE)
+HISTORY = [
+    {"iteration": 0, "model": "base", "name": "base", "pipeline": "base", "status": "done",
+     "score": {"s_multi": 0.1, "tasks": {"arith": 0.1}}},
+    {"iteration": 1, "model": MADE, "pipeline": "sft(specialist, all)", "status": "done",
+     "score": {"s_multi": 0.412, "tasks": {"arith": 0.412}}},
+]
+
+
+def made_pool():
+    grown = pool().with_models([MADE])
+    assert MADE not in grown.labels  # unlabelled, as in a real run
+    return grown
+
+
+def store_with_made(tmp_path):
+    store = RecipeStore(tmp_path)
+    specialist(store)
+    store.save(MADE_RECIPE)
+    return store
+
+
+class Scorer:
+    """A closed-set controller that prefers the options it is told to, in order (a stand-in for the
+    model's log-likelihoods, to test what the agent does with them)."""
+
+    def __init__(self, preferred):
+        self.preferred = list(preferred)
+        self.asked = []
+
+    def score_options(self, prompt, options, *, prefix=""):
+        self.asked.append((prefix, [o.strip() for o in options]))
+        rank = {name: len(self.preferred) - i for i, name in enumerate(self.preferred)}
+        return OptionScores(logprobs=[-10.0 + rank.get(o.strip(), 0) for o in options], option_tokens=[1] * len(options),
+                            tokens_in=len(prompt.split()), latency_s=0.0)
+
+
+def scored_config(**controller):
+    base = config()
+    return {**base, "controller": {**base["controller"], "choice": "scored", **controller}}
+
+
+def test_a_made_model_is_named_by_its_step_everywhere_the_agent_reads(tmp_path):
+    controller = Scripted(["1", "[[4, 2]]"])
+    log = CallLog()
+    record = propose(iteration=2, config=config(), pool=made_pool(), history=HISTORY, memory="m", controller=controller,
+                     store=store_with_made(tmp_path), log=log)
+    objects_prompt = controller.prompts[1]
+    assert "4. m1 = sft(specialist, all), score 0.412" in objects_prompt  # its name, pipeline and score
+    assert "2. specialist\n" in objects_prompt and MADE not in objects_prompt  # no score known: none shown
+    assert "- m1 = sft(specialist, all): score 0.412" in controller.prompts[0]  # the results block
+    assert record["objects"]["model"] == "m1" and record["recipe"]["inputs"]["model"] == MADE  # ids unchanged
+    assert record["name"] == "m2" and record["pipeline"] == "sft(sft(specialist, all), all)"
+    assert "- m1 = sft(specialist, all): score 0.412" in results_block(HISTORY + [dict(record, status="done",
+                                                                                       score=HISTORY[1]["score"])])
+
+
+def test_a_repeat_keeps_the_name_the_model_was_first_given(tmp_path):
+    controller = Scripted(["1", "[[2, 2]]"])  # sft(specialist, all): the recipe of m1
+    record = propose(iteration=2, config=config(), pool=made_pool(), history=HISTORY, memory="m", controller=controller,
+                     store=store_with_made(tmp_path), log=CallLog())
+    assert record["model"] == MADE and record["repeat_of"] == 1 and record["name"] == "m1"
+
+
+def test_k_proposals_are_named_by_step_and_index(tmp_path):
+    store = RecipeStore(tmp_path)
+    specialist(store)
+    records = propose_many(k=2, iteration=3, config=config(), pool=pool(), history=HISTORY[:1], memory="m",
+                           controller=None, store=store, log=CallLog())
+    assert [r["name"] for r in records] == ["m3.1", "m3.2"]
+
+
+def test_scored_choice_takes_the_best_allowed_candidate_with_every_score_recorded(tmp_path):
+    # The scorer prefers merging the base with itself, which is no valid merge: never offered.
+    scorer = Scorer(["ties_merging", "base", "generalist", "specialist"])
+    log = CallLog()
+    specialist(RecipeStore(tmp_path))
+    record = propose(iteration=1, config=scored_config(), pool=pool(), history=HISTORY[:1], memory="m",
+                     controller=scorer, store=RecipeStore(tmp_path), log=log)
+    assert record["action"] == "ties_merging" and record["fallback"] == {"type_selection": False,
+                                                                         "object_selection": False}
+    assert (record["objects"]["model_a"], record["objects"]["model_b"]) == ("generalist", "specialist")
+    first, second = log.calls  # slot 2 after "generalist" leaves one valid model: nothing to score
+    assert first["kind"] == "type_selection" and first["mode"] == "scored" and first["chosen"] == "ties_merging"
+    assert len(first["scores"]) == len(first["options"]) == 2
+    # Slot 1 offers only the models that can still make a valid merge: the base cannot.
+    assert set(second["options"]) == {"specialist", "generalist"} and second["chosen"] == "generalist"
+    assert second["prefix"] == "Slot 1:" and second["slot"] == 1
+    assert first["prompt"].endswith("Name the action you choose.")
+    assert second["prompt"].endswith("Name one candidate per slot, in slot order, one slot per line.")
+
+
+def test_scored_k_choices_never_repeat_what_was_chosen_or_built(tmp_path):
+    scorer = Scorer(["sft", "specialist", "all", "arith"])  # always the same favourite
+    store = RecipeStore(tmp_path)
+    specialist(store)
+    initial = [dict(HISTORY[0])] + [{"iteration": 0, "model": m, "pipeline": n, "name": n, "status": "done",
+                                     "score": {"s_multi": 0.2, "tasks": {"arith": 0.2}}}
+                                    for m, n in ((SPECIALIST, "specialist"), (GENERALIST, "generalist"))]
+    records = propose_many(k=3, iteration=1, config=scored_config(), pool=pool(), history=initial, memory="m",
+                           controller=scorer, store=store, log=CallLog())
+    models = [r["model"] for r in records]
+    assert len(set(models)) == 3 and not set(models) & {SPECIALIST, GENERALIST}
+    assert [r["pipeline"] for r in records][:2] == ["sft(specialist, all)", "sft(specialist, arith)"]
+    assert all(r["rejected"] == 0 and not any(r["fallback"].values()) for r in records)
+
+
+def test_candidates_are_listed_in_a_seeded_permutation_and_mapped_back(tmp_path):
+    def ask(seed):
+        controller = Scripted(["1", "[[1, 1]]"])
+        log = CallLog()
+        cfg = {**config(), "seed": seed, "controller": {**config()["controller"], "shuffle": True}}
+        specialist(RecipeStore(tmp_path))
+        record = propose(iteration=1, config=cfg, pool=pool(), history=HISTORY[:1], memory="m", controller=controller,
+                         store=RecipeStore(tmp_path), log=log)
+        return record, log
+
+    seen = set()
+    for seed in range(6):
+        record, log = ask(seed)
+        type_order = log.calls[0]["listing"]
+        assert record["action"] == ["sft", "ties_merging"][type_order[0]]  # "1" is the first line listed
+        assert sorted(type_order) == [0, 1]
+        assert ask(seed)[0]["model"] == record["model"]  # seeded
+        seen.add((tuple(type_order), tuple(map(tuple, log.calls[1]["listing"]))))
+    assert len(seen) > 1  # not one fixed order
+
+
+def test_local_model_scores_with_the_shared_prompt_cache_equal_full_passes(tiny_model_dir):
+    import torch
+
+    from lamdagent.controller import TransformersController
+
+    controller = TransformersController(model_dir=str(tiny_model_dir))
+    controller.OPTIONS_PER_BATCH = 2  # several batches, uneven lengths
+    options = [" sft", " ties_merging", " m1", " specialist-arith"]
+    scored = controller.score_options("Pick one.", options, prefix="I choose the action:")
+    tok = controller.tokenizer
+    context = tok.apply_chat_template([{"role": "user", "content": "Pick one."}], add_generation_prompt=True,
+                                      tokenize=False) + "I choose the action:"
+    context_ids = tok(context, add_special_tokens=False)["input_ids"]
+    for option, value in zip(options, scored.logprobs):
+        option_ids = tok(option, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([context_ids + option_ids])
+        with torch.inference_mode():
+            logp = torch.log_softmax(controller.model(input_ids=ids).logits[0].float(), dim=-1)
+        expected = sum(float(logp[len(context_ids) + t - 1, token]) for t, token in enumerate(option_ids))
+        assert value == pytest.approx(expected, abs=1e-3)
+    assert scored.tokens_in == len(context_ids)
+
+
+def test_local_controller_chooses_with_no_fallback(tmp_path, tiny_model_dir):
+    from lamdagent.controller import make_controller
+
+    controller = make_controller({"type": "transformers"}, model_dir=str(tiny_model_dir), seed=7)
+    store = RecipeStore(tmp_path)
+    specialist(store)
+    log = CallLog()
+    records = propose_many(k=3, iteration=1, config=scored_config(shuffle=True), pool=pool(), history=HISTORY[:1],
+                           memory="m", controller=controller, store=store, log=log)
+    assert len({r["model"] for r in records}) == 3
+    assert all(not any(r["fallback"].values()) for r in records)
+    assert all(c["mode"] == "scored" and len(c["scores"]) == len(c["options"]) > 1 and c["listing"] for c in log.calls)
+    # A later slot is scored after the answers to the slots before it.
+    assert any(c["prefix"].startswith("Slot 1: ") and c["prefix"].endswith("\nSlot 2:") for c in log.calls)
