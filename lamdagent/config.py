@@ -35,7 +35,8 @@ DEFAULTS: dict[str, Any] = {
         "choice": "scored",  # the local controller scores the allowed candidates; text: parse its reply
         "shuffle": True,  # candidates listed in a seeded permutation per call
     },
-    "memory": {"max_words": 120, "initial": "No results yet."},
+    # structured: facts from the records, the controller's judgement chosen from a closed set; free: the paper's rewrite
+    "memory": {"max_words": 120, "initial": "No results yet.", "style": "structured"},
     "generated_models_join": ["models"],
     "keep_top_k": None,  # off: every model keeps its weights
     "training": {"epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1, "max_length": 512,

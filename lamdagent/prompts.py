@@ -140,6 +140,20 @@ def object_selection(*, action: str, slots: list[tuple[str, list[str]]], memory:
     )
 
 
+def memory_judgement(*, eval_tasks, facts: list[str], question: str, options: list[str], answer: str) -> str:
+    """One judgement of the structured memory: ``question`` answered with one of ``options``.
+
+    ``answer``: ``number`` (a reply that is parsed) or ``name`` (the answer that follows is scored)."""
+    listed = "\n".join(f"{number}. {option}" for number, option in enumerate(options, start=1))
+    ask = "Answer with its number only." if answer == "number" else "Name it."
+    return (
+        "You keep the memory of an agent that builds post-training pipelines for a language model.\n"
+        f"Target tasks: {_tasks_line(eval_tasks)}.\n\n"
+        "What is known so far:\n" + "\n".join(facts) + "\n\n"
+        f"Choose {question}:\n{listed}\n\n{ask}"
+    )
+
+
 def new_results(new: dict | list[dict]) -> str:
     """The result(s) of this iteration: one step (the paper) or the k steps run in parallel."""
     if isinstance(new, dict):

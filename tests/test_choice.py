@@ -177,3 +177,49 @@ def test_local_controller_chooses_with_no_fallback(tmp_path, tiny_model_dir):
     assert all(c["mode"] == "scored" and len(c["scores"]) == len(c["options"]) > 1 and c["listing"] for c in log.calls)
     # A later slot is scored after the answers to the slots before it.
     assert any(c["prefix"].startswith("Slot 1: ") and c["prefix"].endswith("\nSlot 2:") for c in log.calls)
+
+
+# ---- structured memory ------------------------------------------------------------------------
+
+STEP = {"iteration": 2, "model": "sft-" + "c" * 16, "name": "m2", "pipeline": "sft(sft(specialist, all), all)",
+        "status": "done", "repeat_of": None, "score": {"s_multi": 0.3, "tasks": {"arith": 0.3}},
+        "recipe": {"action": "sft", "inputs": {"model": MADE, "dataset": {"name": "all"}}}}
+MADE_STEP = dict(HISTORY[1], name="m1", repeat_of=None,
+                 recipe={"action": "sft", "inputs": {"model": SPECIALIST, "dataset": {"name": "all"}}})
+MEMORY_HISTORY = [HISTORY[0], {"iteration": 0, "model": SPECIALIST, "name": "specialist", "pipeline": "specialist",
+                               "status": "done", "score": {"s_multi": 0.2, "tasks": {"arith": 0.2}}}, MADE_STEP]
+
+
+def memory_config(choice):
+    base = config()
+    return {**base, "memory": {"max_words": 30, "style": "structured"},
+            "controller": {**base["controller"], "choice": choice}}
+
+
+def test_structured_memory_takes_the_numbers_from_the_records_and_the_judgement_from_scores():
+    from lamdagent.memory import update_memory
+
+    scorer = Scorer(["ties_merging", "m1"])
+    log = CallLog()
+    text, fallback = update_memory(config=memory_config("scored"), memory="old", history=MEMORY_HISTORY, new=STEP,
+                                   controller=scorer, log=log)
+    lines = text.splitlines()
+    assert fallback is False
+    assert lines[0].startswith("Best so far: m1 = sft(specialist, all) (score 0.412).")
+    assert "Helped: m1 = sft(specialist, all) (+0.212 on its best input)." in lines
+    assert "Hurt: m2 = sft(sft(specialist, all), all) (-0.112 on its best input)." in lines
+    assert lines[-2] == "Try next: ties_merging (" + lines[-2].split("(", 1)[1]
+    assert lines[-1] == "Build on: m1 = sft(specialist, all)"
+    assert [c["kind"] for c in log.calls] == ["memory_update", "memory_update"]
+    assert log.calls[1]["prefix"].startswith("Try next: ties_merging\nBuild on:")
+    assert set(log.calls[1]["options"]) == {"base", "specialist", "m1", "m2"}
+
+
+def test_structured_memory_in_text_counts_an_unparsable_judgement_and_keeps_the_facts():
+    from lamdagent.memory import update_memory
+
+    log = CallLog()
+    text, fallback = update_memory(config=memory_config("text"), memory="old", history=MEMORY_HISTORY, new=STEP,
+                                   controller=Scripted(["no idea", "none", "2", "2"]), log=log)
+    assert fallback is True and "Try next" not in text  # the first judgement failed twice: left out
+    assert text.splitlines()[-1].startswith("Build on: ") and "Hurt: m2" in text
