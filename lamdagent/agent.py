@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from . import prompts
 from .actions import ACTIONS, enumerate_actions, is_valid_combination
 from .objects import Pool, made_name, recipe_for
-from .parsing import parse_choice, parse_objects
+from .controller import json_schema_format
+from .parsing import parse_choice, parse_json_numbers, parse_objects
 from .recipe import RecipeStore, model_id, pipeline_text
 
 
@@ -43,12 +44,13 @@ class CallLog:
     calls: list[dict] = field(default_factory=list)
 
     def ask(self, controller, kind: str, prompt: str, *, max_tokens: int, stop, parse, attempt: int,
-            prefix: str | None = None):
+            prefix: str | None = None, response_format: dict | None = None):
         record = {"kind": kind, "attempt": attempt, "prompt": prompt, "prefix": prefix, "reply": None,
                   "parsed": None, "tokens_in": 0, "tokens_out": 0, "latency_s": 0.0, "error": None}
         started = time.perf_counter()
         try:
-            completion = controller.complete(prompt, max_tokens=max_tokens, stop=stop, prefix=prefix)
+            completion = controller.complete(prompt, max_tokens=max_tokens, stop=stop, prefix=prefix,
+                                             **({"response_format": response_format} if response_format else {}))
         except Exception as err:  # noqa: BLE001 - a failed call is recorded and answered by the fallback
             record["error"] = f"{type(err).__name__}: {err}"
             record["latency_s"] = time.perf_counter() - started
@@ -254,6 +256,28 @@ def scores_choices(controller, settings: dict) -> bool:
     return settings["choice"] == "scored" and hasattr(controller, "score_options")
 
 
+def uses_schema(controller, settings: dict) -> bool:
+    """``controller.choice: scored`` on an endpoint that answers with JSON-schema structured output."""
+    return settings["choice"] == "scored" and getattr(controller, "schema_ok", False)
+
+
+def structured_request(controller, settings: dict, kind: str, properties: dict[str, list[int]]) -> dict:
+    """The ask's arguments: a JSON schema of the allowed numbers (no stop string: JSON may span
+    lines; room for the JSON), or the text path's."""
+    if not uses_schema(controller, settings):
+        return {"max_tokens": settings["max_tokens"][kind], "stop": settings["stop"]}
+    return {"max_tokens": max(settings["max_tokens"][kind], 16 + 8 * len(properties)), "stop": None,
+            "response_format": json_schema_format(kind, properties)}
+
+
+def note_structured(controller, log: CallLog, first_call: int) -> None:
+    """The endpoint turned structured output off during these calls: say why, once."""
+    take = getattr(controller, "take_structured_note", None)
+    note = take() if take else None
+    if note and first_call < len(log.calls):
+        log.calls[first_call]["structured_off"] = note
+
+
 def _choose(space, *, iteration, config, pool, history, memory, controller, log, rng, round_: Round | None):
     """(action, objects, fallback flags) of one choice among ``space``."""
     action_types = list(space)
@@ -282,12 +306,19 @@ def _choose(space, *, iteration, config, pool, history, memory, controller, log,
                             round_, history)
     n_types = len(action_types)
     prefix = "I choose action number"
+
+    def parse(reply: str):  # a structured reply, else the text one
+        picked = parse_json_numbers(reply, ["action"], [n_types])
+        return picked[0] if picked else parse_choice(reply, n_types)
+
     retry = Retry(hint=f"Reply with the number of the action only (1 to {n_types}).", prefix=prefix,
-                  parse=lambda reply: parse_choice(answer_after(prefix, reply, ":.,\n"), n_types))
+                  parse=lambda reply: parse_json_numbers(reply, ["action"], [n_types]) and parse(reply)
+                  or parse(answer_after(prefix, reply, ":.,\n")))
     first_call = len(log.calls)
-    position = log.ask_until_parsed(controller, "type_selection", prompt, retries=settings["retries"],
-                                    max_tokens=settings["max_tokens"]["type_selection"], stop=settings["stop"],
-                                    parse=lambda reply: parse_choice(reply, n_types), retry=retry)
+    request = structured_request(controller, settings, "type_selection", {"action": list(range(1, n_types + 1))})
+    position = log.ask_until_parsed(controller, "type_selection", prompt, retries=settings["retries"], parse=parse,
+                                    retry=retry, **request)
+    note_structured(controller, log, first_call)
     for call in log.calls[first_call:]:
         call["listing"] = order
     if position is None:
@@ -334,8 +365,11 @@ def _select_objects(action, config, pool, combos, memory, controller, log, fallb
     if scored:
         return _score_objects(prompt, candidate_lists, open_slots, listed, orders, combos, pool, controller, log)
 
-    def parse(reply: str):
-        picked = parse_objects(reply, [len(candidate_lists[i]) for i in open_slots])
+    sizes = [len(candidate_lists[i]) for i in open_slots]
+    keys = [f"slot_{number}" for number in range(1, len(open_slots) + 1)]
+
+    def parse(reply: str):  # a structured reply, else the text one
+        picked = parse_json_numbers(reply, keys, sizes) or parse_objects(reply, sizes)
         if picked is None:
             return None
         chosen = {i: listed[i][p] for i, p in zip(open_slots, picked)}
@@ -349,11 +383,16 @@ def _select_objects(action, config, pool, combos, memory, controller, log, fallb
     hint = f"Reply with {len(slots)} numbers in double square brackets, one per slot."
     if round_ is not None:
         hint = f"Reply with {len(slots)} numbers in double square brackets, one per slot, for a new combination."
-    retry = Retry(hint=hint, prefix="[[", parse=lambda reply: parse("[[" + answer_after("[[", reply, "]") + "]]"))
+    retry = Retry(hint=hint, prefix="[[", parse=lambda reply: parse(reply) if parse_json_numbers(reply, keys, sizes)
+                  else parse("[[" + answer_after("[[", reply, "]") + "]]"))
     first_call = len(log.calls)
-    combo = log.ask_until_parsed(controller, "object_selection", prompt, retries=settings["retries"],
-                                 max_tokens=settings["max_tokens"]["object_selection"], stop=settings["stop"],
-                                 parse=parse, retry=retry)
+    # Each slot's enum holds only the positions of values some allowed combination uses.
+    properties = {key: [p + 1 for p, value in enumerate(listed[i]) if any(c[i] == value for c in combos)]
+                  for key, i in zip(keys, open_slots)}
+    request = structured_request(controller, settings, "object_selection", properties)
+    combo = log.ask_until_parsed(controller, "object_selection", prompt, retries=settings["retries"], parse=parse,
+                                 retry=retry, **request)
+    note_structured(controller, log, first_call)
     for call in log.calls[first_call:]:
         call["listing"] = [orders[i] for i in open_slots]
     if combo is None:

@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "stop": ["\n"],
         "choice": "scored",  # the local controller scores the allowed candidates; text: parse its reply
         "shuffle": True,  # candidates listed in a seeded permutation per call
+        "structured": "auto",  # openai with choice scored: JSON-schema answers; off after a 400 saying unsupported
     },
     # structured: facts from the records, the controller's judgement chosen from a closed set; free: the paper's rewrite
     "memory": {"max_words": 120, "initial": "No results yet.", "style": "structured"},

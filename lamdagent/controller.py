@@ -80,6 +80,25 @@ def is_transient(err: BaseException) -> bool:
     return False
 
 
+def schema_unsupported(err: BaseException) -> bool:
+    """A 400 whose message says the server does not take a JSON-schema ``response_format``."""
+    import openai
+
+    if not isinstance(err, openai.BadRequestError):
+        return False
+    message = str(err).lower()
+    return any(word in message for word in ("response_format", "json_schema", "structured", "schema"))
+
+
+def json_schema_format(name: str, properties: dict[str, list[int]]) -> dict:
+    """``response_format`` for a closed-set answer: one integer property per question, each an enum of
+    the numbers allowed. One property per slot rather than a fixed-length array: the same constraint,
+    and within the subset every server takes (OpenAI's strict mode has no tuple arrays)."""
+    return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": {
+        "type": "object", "additionalProperties": False, "required": list(properties),
+        "properties": {key: {"type": "integer", "enum": values} for key, values in properties.items()}}}}
+
+
 def _retry_after(err: BaseException) -> float | None:
     response = getattr(err, "response", None)
     value = response.headers.get("retry-after") if response is not None else None
@@ -101,7 +120,7 @@ class OpenAIController:
     kind = "openai"
 
     def __init__(self, *, model: str, api_key_env: str, base_url: str | None = None, temperature: float = 0.0,
-                 timeout_s: float = 120.0, backoff: dict | None = None, seed: int = 0):
+                 timeout_s: float = 120.0, backoff: dict | None = None, seed: int = 0, structured: str = "auto"):
         import openai
 
         from .config import DEFAULTS
@@ -116,12 +135,21 @@ class OpenAIController:
         self.temperature = temperature
         self.backoff = Backoff(**{**DEFAULTS["controller"]["backoff"], **(backoff or {})})
         self._rng = random.Random(f"{seed}:backoff")  # seeded jitter: a rerun waits the same
+        # Closed-set answers as JSON-schema structured output (controller.structured); `auto` turns it
+        # off for the rest of this controller's life on the first 400 saying it is unsupported.
+        self.structured = structured
+        self.schema_ok = structured != "text"
+        self.structured_note: str | None = None  # why it was turned off (the agent records it once)
 
     def complete(self, prompt: str, *, max_tokens: int, stop: list[str] | None = None,
-                 prefix: str | None = None) -> Completion:
-        """One reply, retrying transient failures with backoff; ControllerUnavailable after the last attempt."""
+                 prefix: str | None = None, response_format: dict | None = None) -> Completion:
+        """One reply, retrying transient failures with backoff; ControllerUnavailable after the last attempt.
+
+        ``response_format``: a JSON schema the server is to hold the reply to (see :func:`json_schema_format`)."""
         # `prefix` (the start of the reply) cannot be imposed through the chat API; the retry's
         # reminder in the prompt does that job here.
+        if not self.schema_ok:
+            response_format = None
         errors: list[str] = []
         started = time.perf_counter()  # latency counts the retries and waits: the time the agent waited
         for attempt in range(1, self.backoff.attempts + 1):
@@ -132,8 +160,12 @@ class OpenAIController:
                     max_tokens=max_tokens,
                     temperature=self.temperature,
                     stop=stop or None,
+                    **({"response_format": response_format} if response_format else {}),
                 )
             except Exception as err:
+                if response_format and self.structured == "auto" and schema_unsupported(err):
+                    self.schema_ok, self.structured_note = False, f"{type(err).__name__}: {err}"
+                    return self.complete(prompt, max_tokens=max_tokens, stop=stop, prefix=prefix)
                 if not is_transient(err):
                     raise
                 errors.append(f"{type(err).__name__}: {err}")
@@ -143,6 +175,11 @@ class OpenAIController:
                 continue
             return self._completion(response, stop, time.perf_counter() - started, attempt, errors)
         raise AssertionError("unreachable: Backoff.attempts >= 1")
+
+    def take_structured_note(self) -> str | None:
+        """Why structured output was turned off, once (then None)."""
+        note, self.structured_note = self.structured_note, None
+        return note
 
     @staticmethod
     def _completion(response, stop, latency: float, attempts: int, errors: list[str]) -> Completion:
@@ -259,6 +296,7 @@ def make_controller(controller_config: dict, *, model_dir: str | None = None, se
             timeout_s=controller_config.get("timeout_s", 120.0),
             backoff=controller_config.get("backoff"),
             seed=seed,
+            structured=controller_config.get("structured", "auto"),
         )
     if kind == "transformers":
         return TransformersController(model_dir=model_dir or controller_config["model"],

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from . import prompts
 from .actions import ACTIONS
-from .agent import Retry, listing, scores_choices
-from .parsing import clean_memory, parse_choice
+from .agent import Retry, listing, note_structured, scores_choices, structured_request
+from .parsing import clean_memory, parse_choice, parse_json_numbers
 
 MAX_EFFECT_LINES = 3  # the most recent steps that helped, and that hurt
 
@@ -113,10 +113,12 @@ def _judge(config, facts: list[str], history, new, controller, log) -> tuple[lis
             prompt = prompts.memory_judgement(eval_tasks=config["eval_tasks"], facts=facts, question=question,
                                               options=listed, answer="number")
             first_call = len(log.calls)
+            n = len(listed)
+            request = structured_request(controller, settings, "type_selection", {"choice": list(range(1, n + 1))})
             position = log.ask_until_parsed(controller, "memory_update", prompt, retries=settings["retries"],
-                                            max_tokens=settings["max_tokens"]["type_selection"],
-                                            stop=settings["stop"], parse=lambda reply, n=len(listed): parse_choice(
-                                                reply, n))
+                                            parse=lambda reply, n=n: (parse_json_numbers(reply, ["choice"], [n])
+                                                                      or [parse_choice(reply, n)])[0], **request)
+            note_structured(controller, log, first_call)
             for call in log.calls[first_call:]:
                 call["listing"] = order
             if position is None:  # no judgement: the line is left out, and counted
