@@ -223,3 +223,74 @@ def test_structured_memory_in_text_counts_an_unparsable_judgement_and_keeps_the_
                                    controller=Scripted(["no idea", "none", "2", "2"]), log=log)
     assert fallback is True and "Try next" not in text  # the first judgement failed twice: left out
     assert text.splitlines()[-1].startswith("Build on: ") and "Hurt: m2" in text
+
+
+# ---- structured outputs from an endpoint --------------------------------------------------------
+
+UNSUPPORTED = "400:response_format of type json_schema is not supported by this server"
+
+
+@pytest.mark.slow
+def test_auto_structured_turns_to_text_for_the_rest_of_the_job_on_a_400_saying_unsupported(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """The real `transformers serve` behind the fault proxy, which answers the first request as a
+    server without structured outputs does (vLLM and others word it alike)."""
+    from conftest import ServedModel
+    from test_faults import FaultProxy
+
+    from lamdagent.controller import OpenAIController
+
+    monkeypatch.setenv("LAMDAGENT_CHOICE_KEY", "sk-choice-test")
+    server = ServedModel(tiny_model_dir, tmp_path / "serve").start()
+    try:
+        with FaultProxy(server.port, delay_s=1) as proxy:
+            llm = OpenAIController(model=str(tiny_model_dir), api_key_env="LAMDAGENT_CHOICE_KEY", base_url=proxy.url,
+                                   timeout_s=120, backoff={"attempts": 1}, structured="auto")
+            assert llm.schema_ok
+            proxy.inject(UNSUPPORTED)
+            store = RecipeStore(tmp_path)
+            specialist(store)
+            log = CallLog()
+            cfg = scored_config()
+            cfg["controller"]["type"] = "openai"
+            propose(iteration=1, config=cfg, pool=pool(), history=HISTORY[:1], memory="m", controller=llm,
+                    store=store, log=log)
+            assert proxy.seen[0] == UNSUPPORTED and set(proxy.seen[1:]) == {"forwarded"}
+    finally:
+        server.stop()
+    assert not llm.schema_ok
+    noted = [c for c in log.calls if "structured_off" in c]
+    assert len(noted) == 1 and "not supported" in noted[0]["structured_off"] and noted[0] is log.calls[0]
+    assert log.calls[0]["error"] is None and log.calls[0]["reply"] is not None  # answered in text at once
+
+
+class SchemaScripted(Scripted):
+    """An endpoint-like controller (structured outputs on) that answers in order and keeps each
+    request's response_format."""
+
+    schema_ok = True
+
+    def __init__(self, replies):
+        super().__init__(replies)
+        self.formats = []
+
+    def complete(self, prompt, *, max_tokens, stop=None, prefix=None, response_format=None):
+        self.formats.append((response_format, stop))
+        return super().complete(prompt, max_tokens=max_tokens, stop=stop, prefix=None)
+
+
+def test_an_endpoint_is_asked_for_json_with_enums_of_the_allowed_numbers_only(tmp_path):
+    llm = SchemaScripted(['{"action": 2}', '{"slot_1": 3, "slot_2": 2}'])
+    specialist(RecipeStore(tmp_path))
+    log = CallLog()
+    record = propose(iteration=1, config=scored_config(), pool=pool(), history=HISTORY[:1], memory="m",
+                     controller=llm, store=RecipeStore(tmp_path), log=log)
+    assert record["action"] == "ties_merging" and not any(record["fallback"].values())
+    assert (record["objects"]["model_a"], record["objects"]["model_b"]) == ("generalist", "specialist")
+    (type_format, type_stop), (objects_format, _) = llm.formats
+    assert type_stop is None  # JSON may span lines
+    assert type_format["json_schema"]["schema"]["properties"] == {"action": {"type": "integer", "enum": [1, 2]}}
+    # The base can be neither merged model: its number (1) is in no enum.
+    assert objects_format["json_schema"]["schema"]["properties"] == {
+        "slot_1": {"type": "integer", "enum": [2, 3]}, "slot_2": {"type": "integer", "enum": [2, 3]}}
+    assert objects_format["json_schema"]["schema"]["required"] == ["slot_1", "slot_2"]
