@@ -81,10 +81,11 @@ def is_transient(err: BaseException) -> bool:
 
 
 def schema_unsupported(err: BaseException) -> bool:
-    """A 400 whose message says the server does not take a JSON-schema ``response_format``."""
+    """A 400 (or a validating server's 422: llama-cpp-python takes only its own ``json_object`` type)
+    whose message says the server does not take a JSON-schema ``response_format``."""
     import openai
 
-    if not isinstance(err, openai.BadRequestError):
+    if not isinstance(err, (openai.BadRequestError, openai.UnprocessableEntityError)):
         return False
     message = str(err).lower()
     return any(word in message for word in ("response_format", "json_schema", "structured", "schema"))
