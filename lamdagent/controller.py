@@ -265,7 +265,8 @@ class TransformersController:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         logprobs: list[float] = []
         with torch.inference_mode():
-            out = self.model(input_ids=context_ids, use_cache=True)
+            # Only the last position's logits: the prompt's own would cost a vocabulary-wide row per token.
+            out = self.model(input_ids=context_ids, use_cache=True, logits_to_keep=1)
             first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # the options' first token
             for start in range(0, len(encoded), self.OPTIONS_PER_BATCH):
                 batch = encoded[start:start + self.OPTIONS_PER_BATCH]
