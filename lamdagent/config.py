@@ -32,8 +32,12 @@ DEFAULTS: dict[str, Any] = {
         "backoff": {"attempts": 5, "initial_s": 1.0, "max_s": 30.0, "multiplier": 2.0},
         "max_tokens": {"type_selection": 48, "object_selection": 24, "memory_update": 160},
         "stop": ["\n"],
+        "choice": "scored",  # the local controller scores the allowed candidates; text: parse its reply
+        "shuffle": True,  # candidates listed in a seeded permutation per call
+        "structured": "auto",  # openai with choice scored: JSON-schema answers; off after a 400 saying unsupported
     },
-    "memory": {"max_words": 120, "initial": "No results yet."},
+    # structured: facts from the records, the controller's judgement chosen from a closed set; free: the paper's rewrite
+    "memory": {"max_words": 120, "initial": "No results yet.", "style": "structured"},
     "generated_models_join": ["models"],
     "keep_top_k": None,  # off: every model keeps its weights
     "training": {"epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1, "max_length": 512,

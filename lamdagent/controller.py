@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import time
@@ -34,6 +35,16 @@ class Completion:
     latency_s: float
     attempts: int = 1
     errors: list[str] = field(default_factory=list)  # the transient errors retried before this reply
+
+
+@dataclass
+class OptionScores:
+    """A closed-set answer: each option's log-likelihood as the continuation of the prompt."""
+
+    logprobs: list[float]
+    option_tokens: list[int]  # the tokens of each option (the log-likelihood is their sum)
+    tokens_in: int
+    latency_s: float
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,26 @@ def is_transient(err: BaseException) -> bool:
     return False
 
 
+def schema_unsupported(err: BaseException) -> bool:
+    """A 400 (or a validating server's 422: llama-cpp-python takes only its own ``json_object`` type)
+    whose message says the server does not take a JSON-schema ``response_format``."""
+    import openai
+
+    if not isinstance(err, (openai.BadRequestError, openai.UnprocessableEntityError)):
+        return False
+    message = str(err).lower()
+    return any(word in message for word in ("response_format", "json_schema", "structured", "schema"))
+
+
+def json_schema_format(name: str, properties: dict[str, list[int]]) -> dict:
+    """``response_format`` for a closed-set answer: one integer property per question, each an enum of
+    the numbers allowed. One property per slot rather than a fixed-length array: the same constraint,
+    and within the subset every server takes (OpenAI's strict mode has no tuple arrays)."""
+    return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": {
+        "type": "object", "additionalProperties": False, "required": list(properties),
+        "properties": {key: {"type": "integer", "enum": values} for key, values in properties.items()}}}}
+
+
 def _retry_after(err: BaseException) -> float | None:
     response = getattr(err, "response", None)
     value = response.headers.get("retry-after") if response is not None else None
@@ -90,7 +121,7 @@ class OpenAIController:
     kind = "openai"
 
     def __init__(self, *, model: str, api_key_env: str, base_url: str | None = None, temperature: float = 0.0,
-                 timeout_s: float = 120.0, backoff: dict | None = None, seed: int = 0):
+                 timeout_s: float = 120.0, backoff: dict | None = None, seed: int = 0, structured: str = "auto"):
         import openai
 
         from .config import DEFAULTS
@@ -105,12 +136,21 @@ class OpenAIController:
         self.temperature = temperature
         self.backoff = Backoff(**{**DEFAULTS["controller"]["backoff"], **(backoff or {})})
         self._rng = random.Random(f"{seed}:backoff")  # seeded jitter: a rerun waits the same
+        # Closed-set answers as JSON-schema structured output (controller.structured); `auto` turns it
+        # off for the rest of this controller's life on the first 400 saying it is unsupported.
+        self.structured = structured
+        self.schema_ok = structured != "text"
+        self.structured_note: str | None = None  # why it was turned off (the agent records it once)
 
     def complete(self, prompt: str, *, max_tokens: int, stop: list[str] | None = None,
-                 prefix: str | None = None) -> Completion:
-        """One reply, retrying transient failures with backoff; ControllerUnavailable after the last attempt."""
+                 prefix: str | None = None, response_format: dict | None = None) -> Completion:
+        """One reply, retrying transient failures with backoff; ControllerUnavailable after the last attempt.
+
+        ``response_format``: a JSON schema the server is to hold the reply to (see :func:`json_schema_format`)."""
         # `prefix` (the start of the reply) cannot be imposed through the chat API; the retry's
         # reminder in the prompt does that job here.
+        if not self.schema_ok:
+            response_format = None
         errors: list[str] = []
         started = time.perf_counter()  # latency counts the retries and waits: the time the agent waited
         for attempt in range(1, self.backoff.attempts + 1):
@@ -121,8 +161,12 @@ class OpenAIController:
                     max_tokens=max_tokens,
                     temperature=self.temperature,
                     stop=stop or None,
+                    **({"response_format": response_format} if response_format else {}),
                 )
             except Exception as err:
+                if response_format and self.structured == "auto" and schema_unsupported(err):
+                    self.schema_ok, self.structured_note = False, f"{type(err).__name__}: {err}"
+                    return self.complete(prompt, max_tokens=max_tokens, stop=stop, prefix=prefix)
                 if not is_transient(err):
                     raise
                 errors.append(f"{type(err).__name__}: {err}")
@@ -132,6 +176,11 @@ class OpenAIController:
                 continue
             return self._completion(response, stop, time.perf_counter() - started, attempt, errors)
         raise AssertionError("unreachable: Backoff.attempts >= 1")
+
+    def take_structured_note(self) -> str | None:
+        """Why structured output was turned off, once (then None)."""
+        note, self.structured_note = self.structured_note, None
+        return note
 
     @staticmethod
     def _completion(response, stop, latency: float, attempts: int, errors: list[str]) -> Completion:
@@ -194,6 +243,47 @@ class TransformersController:
         )
 
 
+    # Options scored per forward pass: each row holds a copy of the prompt's cache.
+    OPTIONS_PER_BATCH = 16
+
+    def score_options(self, prompt: str, options: list[str], *, prefix: str = "") -> OptionScores:
+        """Log-likelihood of each option after the prompt and the start of the reply, as lm-eval scores
+        multiple choice (the sum over the option's tokens; context and option encoded apart).
+
+        The prompt is run once; its key/value cache is then shared by every option (copied per batch),
+        so that 20 options cost about one prompt, not 20.
+        """
+        import torch
+
+        started = time.perf_counter()
+        context = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     add_generation_prompt=True, tokenize=False) + prefix
+        context_ids = self.tokenizer(context, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        encoded = [self.tokenizer(option, add_special_tokens=False)["input_ids"] for option in options]
+        if not all(encoded):
+            raise ControllerError("an empty option cannot be scored")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        logprobs: list[float] = []
+        with torch.inference_mode():
+            # Only the last position's logits: the prompt's own would cost a vocabulary-wide row per token.
+            out = self.model(input_ids=context_ids, use_cache=True, logits_to_keep=1)
+            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # the options' first token
+            for start in range(0, len(encoded), self.OPTIONS_PER_BATCH):
+                batch = encoded[start:start + self.OPTIONS_PER_BATCH]
+                ids = torch.full((len(batch), max(map(len, batch))), pad, dtype=torch.long)
+                for row, tokens in enumerate(batch):
+                    ids[row, :len(tokens)] = torch.tensor(tokens)
+                # Right padding needs no mask: a causal model's real tokens never see the pads after them.
+                cache = copy.deepcopy(out.past_key_values)
+                cache.batch_repeat_interleave(len(batch))
+                step = torch.log_softmax(self.model(input_ids=ids, past_key_values=cache).logits.float(), dim=-1)
+                for row, tokens in enumerate(batch):
+                    total = first[tokens[0]] + sum(step[row, t - 1, tokens[t]] for t in range(1, len(tokens)))
+                    logprobs.append(float(total))
+        return OptionScores(logprobs=logprobs, option_tokens=[len(t) for t in encoded],
+                            tokens_in=int(context_ids.shape[1]), latency_s=time.perf_counter() - started)
+
+
 def make_controller(controller_config: dict, *, model_dir: str | None = None, seed: int = 0):
     """The LLM client for a config; None for the ``random`` controller."""
     kind = controller_config["type"]
@@ -208,6 +298,7 @@ def make_controller(controller_config: dict, *, model_dir: str | None = None, se
             timeout_s=controller_config.get("timeout_s", 120.0),
             backoff=controller_config.get("backoff"),
             seed=seed,
+            structured=controller_config.get("structured", "auto"),
         )
     if kind == "transformers":
         return TransformersController(model_dir=model_dir or controller_config["model"],

@@ -1,7 +1,9 @@
 """The object pool: candidates per object type, growing with every model the agent makes.
 
 Model candidates are model ids: a base model's id is its config name; a recipe model's id is its
-content hash, and the config name (e.g. ``specialist-arith``) is kept as its label.
+content hash, and the config name (e.g. ``specialist-arith``) is kept as its label. A model the agent
+made gets a short name from its step (``m3``; ``m3.2`` for the second of k proposals), which the
+agent reads everywhere instead of the hash; ids never change, names are display only.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Pool:
     datasets: dict[str, dict] = field(default_factory=dict)  # dataset name -> {sha256, rows, path}
     join_types: list[str] = field(default_factory=list)
     initial_models: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # model id -> short name of a model the agent made
 
     @classmethod
     def initial(cls, config: dict, datasets: dict[str, dict], store: RecipeStore) -> "Pool":
@@ -57,7 +60,16 @@ class Pool:
                    join_types=list(config["generated_models_join"]), initial_models=initial)
 
     def label(self, value: Any) -> str:
-        return self.labels.get(value, str(value)) if isinstance(value, str) else str(value)
+        if not isinstance(value, str):
+            return str(value)
+        return self.labels.get(value) or self.names.get(value) or value
+
+    def name_made_models(self, history: list[dict]) -> None:
+        """Give every model the agent made its short name (the first step that proposed it)."""
+        for entry in history:
+            if entry.get("iteration"):
+                self.names.setdefault(entry["model"], entry.get("name") or made_name(entry["iteration"],
+                                                                                     entry.get("index")))
 
     def add_model(self, model: str) -> None:
         for object_type in self.join_types:
@@ -80,12 +92,17 @@ class Pool:
 
     def to_json(self) -> dict:
         return {"candidates": self.candidates, "kinds": self.kinds, "labels": self.labels, "datasets": self.datasets,
-                "join_types": self.join_types, "initial_models": self.initial_models}
+                "join_types": self.join_types, "initial_models": self.initial_models, "names": self.names}
 
     @classmethod
     def from_json(cls, data: dict) -> "Pool":
         return cls(**{key: data[key] for key in ("candidates", "kinds", "labels", "datasets", "join_types",
-                                                  "initial_models")})
+                                                  "initial_models")}, names=dict(data.get("names", {})))
+
+
+def made_name(iteration: int, index: int | None = None) -> str:
+    """``m3``: the model step 3 made; ``m3.2``: the second of step 3's k proposals (``index`` 1)."""
+    return f"m{iteration}" if index is None else f"m{iteration}.{index + 1}"
 
 
 def recipe_for(config: dict, datasets: dict[str, dict], action: str, values) -> dict:

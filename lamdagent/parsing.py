@@ -6,6 +6,7 @@ at the end; the ``[[...]]`` list), check its length and ranges, and give up othe
 
 from __future__ import annotations
 
+import json
 import re
 
 # Whole numbers of up to 4 digits, not parts of decimals ("1.5") but allowing a full stop after ("2.").
@@ -74,3 +75,19 @@ def _loops(words: list[str], span: int = 6) -> bool:
             return True
         seen.add(run)
     return False
+
+
+def parse_json_numbers(reply: str, keys: list[str], sizes: list[int]) -> list[int] | None:
+    """0-based index per key from a structured-output reply ``{"slot_1": 3, ...}``, or None."""
+    if not isinstance(reply, str):
+        return None
+    try:
+        data = json.loads(reply)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    values = [data.get(key) for key in keys]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= n for v, n in zip(values, sizes)):
+        return None
+    return [v - 1 for v in values]

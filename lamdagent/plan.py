@@ -77,7 +77,7 @@ def load_steps(agent_dir: str | Path, upto: int) -> tuple[dict, list[dict]]:
 def plan_entry(record: dict) -> dict:
     # `index` (the step's place among the iteration's k) only where k > 1: k = 1 keeps the paper's layout.
     index = ("index",) if "index" in record else ()
-    keys = ("iteration", *index, "model", "action", "objects", "pipeline", "controller", "fallback", "repeat_of",
+    keys = ("iteration", *index, "model", "name", "action", "objects", "pipeline", "controller", "fallback", "repeat_of",
             "status")
     entry = {key: record.get(key) for key in keys}
     score = record.get("score")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .actions import ACTIONS
+from .objects import made_name
 
 MAX_RESULT_LINES = 10
 MAX_FAILURE_LINES = 3  # the most recent failed actions shown in every prompt
@@ -19,14 +20,29 @@ def failure_text(entry: dict) -> str:
     return f"action {entry.get('action') or 'unknown'} failed: {reason}"
 
 
+def model_text(entry: dict) -> str:
+    """``m3 = sft(specialist, all)``: a made model's short name beside its pipeline (a named model: its name)."""
+    name = entry.get("name") or (made_name(entry["iteration"], entry.get("index")) if entry.get("iteration") else None)
+    return f"{name} = {entry['pipeline']}" if name and name != entry["pipeline"] else entry["pipeline"]
+
+
 def result_line(entry: dict) -> str:
     score = entry.get("score")
-    if entry.get("status") == "failed":
+    if entry.get("status") == "failed":  # it made no model: no name to build on
         return f"- {entry['pipeline']}: {failure_text(entry)}"
     if not score:
-        return f"- {entry['pipeline']}: not evaluated yet"
+        return f"- {model_text(entry)}: not evaluated yet"
     tasks = ", ".join(f"{name} {value:.2f}" for name, value in score["tasks"].items())
-    return f"- {entry['pipeline']}: score {score['s_multi']:.3f} ({tasks})"
+    return f"- {model_text(entry)}: score {score['s_multi']:.3f} ({tasks})"
+
+
+def candidate_text(label: str, entry: dict | None) -> str:
+    """A model candidate as listed: its name, then (a made model) its pipeline, then its score."""
+    if entry is None:
+        return label
+    text = f"{label} = {entry['pipeline']}" if entry["pipeline"] != label else label
+    score = entry.get("score")
+    return f"{text}, score {score['s_multi']:.3f}" if score and entry.get("status") != "failed" else text
 
 
 def failed_entries(history: list[dict]) -> list[dict]:
@@ -69,9 +85,20 @@ def parallel_note(*, number: int, k: int, chosen: list[str], taken: list[str] = 
     return "\n".join(lines)
 
 
+# The start of the answer whose continuations a scoring controller compares (``controller.choice: scored``).
+TYPE_ANSWER = "I choose the action:"
+
+
+def slot_answer(number: int) -> str:
+    return f"Slot {number}:"
+
+
 def type_selection(*, eval_tasks, memory: str, history: list[dict], action_types: list[str], counts: dict,
-                   parallel: str | None = None) -> str:
-    """``parallel``: the note of :func:`parallel_note` (k > 1 only; k = 1 is the paper's prompt)."""
+                   parallel: str | None = None, answer: str = "number") -> str:
+    """``parallel``: the note of :func:`parallel_note` (k > 1 only; k = 1 is the paper's prompt).
+
+    ``answer``: ``number`` (the paper: reflect, then the number) or ``name`` (the answer that follows
+    is scored: name the action, no reflection first)."""
     actions = "\n".join(
         f"{number}. {name}: {ACTIONS[name].describe} ({counts[name]} possible choices)"
         for number, name in enumerate(action_types, start=1)
@@ -84,13 +111,14 @@ def type_selection(*, eval_tasks, memory: str, history: list[dict], action_types
         + (f"{parallel}\n\n" if parallel else "")
         + f"Actions you can take:\n{actions}\n\n"
         "Keep exploring: an action or combination not tried yet may beat the best pipeline so far.\n"
-        "Reflect briefly on the results, then provide the number of the action you choose at the end."
+        + ("Reflect briefly on the results, then provide the number of the action you choose at the end."
+           if answer == "number" else "Name the action you choose.")
     )
 
 
 def object_selection(*, action: str, slots: list[tuple[str, list[str]]], memory: str,
                      fixed: list[tuple[str, str]] = (), parallel: str | None = None,
-                     history: list[dict] = ()) -> str:
+                     history: list[dict] = (), answer: str = "number") -> str:
     """``slots``: (slot description, candidate labels) in slot order, for the slots to choose;
     ``fixed``: (slot description, the only candidate) for the others; ``parallel``: as for type_selection;
     ``history``: for the failed actions."""
@@ -107,7 +135,22 @@ def object_selection(*, action: str, slots: list[tuple[str, list[str]]], memory:
         + (f"{parallel}\n\n" if parallel else "")
         + "\n\n".join(blocks)
         + f"\n\nYour memory:\n{memory}{failures_block(list(history))}\n\n"
-        f"Answer with one number per slot, in slot order, in double square brackets, like [[{letters}]]."
+        + (f"Answer with one number per slot, in slot order, in double square brackets, like [[{letters}]]."
+           if answer == "number" else "Name one candidate per slot, in slot order, one slot per line.")
+    )
+
+
+def memory_judgement(*, eval_tasks, facts: list[str], question: str, options: list[str], answer: str) -> str:
+    """One judgement of the structured memory: ``question`` answered with one of ``options``.
+
+    ``answer``: ``number`` (a reply that is parsed) or ``name`` (the answer that follows is scored)."""
+    listed = "\n".join(f"{number}. {option}" for number, option in enumerate(options, start=1))
+    ask = "Answer with its number only." if answer == "number" else "Name it."
+    return (
+        "You keep the memory of an agent that builds post-training pipelines for a language model.\n"
+        f"Target tasks: {_tasks_line(eval_tasks)}.\n\n"
+        "What is known so far:\n" + "\n".join(facts) + "\n\n"
+        f"Choose {question}:\n{listed}\n\n{ask}"
     )
 
 

@@ -20,7 +20,8 @@ def leaderboard_table(step_records: list[dict]) -> pd.DataFrame:
             if entry.get("status") != "done" or entry["model"] in seen or not entry.get("score"):
                 continue
             seen.add(entry["model"])
-            row = {"model": entry["model"], "iteration": record["iteration"], "pipeline": entry["pipeline"]}
+            row = {"model": entry["model"], "iteration": record["iteration"], "pipeline": entry["pipeline"],
+                   "name": entry.get("name")}  # the short name the agent knows the model by
             row.update({f"val_{task}": value for task, value in entry["score"]["tasks"].items()})
             row["s_multi"] = entry["score"]["s_multi"]
             row["pipeline_full"] = entry.get("pipeline_full", entry["pipeline"])

@@ -28,9 +28,10 @@ class Scripted:
 def config():
     return {
         "seed": 7,
-        "controller": {"type": "transformers", "retries": 1, "stop": ["\n"],
+        # The scripted replies answer in text, by the listed numbers: no scoring, no shuffling.
+        "controller": {"type": "transformers", "retries": 1, "stop": ["\n"], "choice": "text", "shuffle": False,
                        "max_tokens": {"type_selection": 8, "object_selection": 8, "memory_update": 40}},
-        "memory": {"max_words": 30},
+        "memory": {"max_words": 30, "style": "free"},
         "action_types": {"sft": ["models", "sft_dataset", "sft_lr"],
                          "ties_merging": ["base_models", "models", "models", "ties_weights", "ties_density"]},
         "eval_tasks": [{"task": "arith", "metric": "exact_match"}],

@@ -260,7 +260,7 @@ def test_memory_update_notes_the_failure_score():
     from lamdagent.agent import CallLog
 
     echo = Echo()
-    config = {"memory": {"max_words": 40}, "eval_tasks": [{"task": "arith"}],
+    config = {"memory": {"max_words": 40, "style": "free"}, "eval_tasks": [{"task": "arith"}],
               "controller": {"retries": 0, "max_tokens": {"memory_update": 20}}}
     update_memory(config=config, memory="m", history=HISTORY, new=failed_step(), controller=echo, log=CallLog())
     assert "the action failed, so it made no model; it counts with the failure score -1.000" in echo.prompts[0]
@@ -277,7 +277,7 @@ def test_with_k_proposals_only_the_failed_one_counts_as_failed():
                                    outcome, CONFIG, {built: score}) for i, m in enumerate([FAILURE["model"], built])]
     assert [r["status"] for r in records] == ["failed", "done"] and records[1]["score"] == score
     assert records[0]["score"]["s_multi"] == -1.0
-    assert "Best so far: p1 (score 0.400)" in summary_memory(HISTORY, records)
+    assert "Best so far: m1.2 = p1 (score 0.400)" in summary_memory(HISTORY, records)
     assert f"p0: action sft failed: {REASON}" in summary_memory(HISTORY, records)
     assert step_note(records, HISTORY).startswith("Note: p0: the action failed")
 

@@ -80,8 +80,10 @@ class FaultProxy:
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True
                 else:
-                    payload = json.dumps({"error": {"message": f"injected {fault}", "type": "injected"}}).encode()
-                    self.send_response(int(fault))
+                    status, _, message = fault.partition(":")  # "400:why" carries the server's message
+                    payload = json.dumps({"error": {"message": message or f"injected {fault}",
+                                                    "type": "injected"}}).encode()
+                    self.send_response(int(status))
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()

@@ -111,7 +111,7 @@ def test_all_k_results_feed_one_memory_rewrite(tmp_path):
     assert text.startswith("Both helped") and fallback is False
     prompt = controller.prompts[0]
     assert "New results (iteration 1, 2 actions run in parallel):" in prompt
-    assert all(f"- {r['pipeline']}: score" in prompt for r in done)
+    assert all(f"- {r['name']} = {r['pipeline']}: score" in prompt for r in done)  # m1.1, m1.2
     summary = summary_memory(INITIAL, done)
     assert all(r["pipeline"] in summary for r in done) and "1.400" in summary
 
