@@ -340,6 +340,9 @@ def _allowed(config: dict) -> tuple[set, set]:
             datasets.update((entry["dataset"], entry["task"], s) for s in splits)
         else:
             held_out.add((entry["task"], *sorted(entry["splits"], key=SPLITS.index)))
+    # allow_same_split already accepted that validation is the test set: its rows may match too.
+    held_out.update((task["task"], "val", "test") for task in config.get("eval_tasks") or []
+                    if task.get("allow_same_split"))
     return datasets, held_out
 
 

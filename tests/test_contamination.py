@@ -14,6 +14,7 @@ from lamdagent import contamination
 from lamdagent.config import ConfigError, load
 from lamdagent.contamination import ContaminationError, guard
 from lamdagent.datasets import prepare
+from lamdagent.eval_data import task_yaml
 from lamdagent.fileio import write_jsonl
 from lamdagent.tasks import generate, write_splits
 
@@ -166,7 +167,11 @@ def test_validation_and_test_on_the_same_lm_eval_documents_stop_the_run(default_
     with pytest.raises(ContaminationError, match=r"^config: eval_tasks\[0\]: 12 of 12 rows of task 'ext', "
                                                  r"split 'test' are in its split 'val'"):
         contamination.check_deferred(config, tmp_path)
-    config["contamination"] = {"allow": [{"task": "ext", "splits": ["val", "test"]}]}
+    allowed = copy.deepcopy(config)
+    allowed["contamination"] = {"allow": [{"task": "ext", "splits": ["val", "test"]}]}
+    assert contamination.check_deferred(allowed, tmp_path)["held_out"]["ext"]["val/test"] == 12
+    # allow_same_split (which lets the config name one task for both) lets its rows through as well.
+    config["eval_tasks"][0]["allow_same_split"] = True
     assert contamination.check_deferred(config, tmp_path)["held_out"]["ext"]["val/test"] == 12
 
 
@@ -219,13 +224,20 @@ def test_a_real_run_records_zero_overlaps_and_an_evaluation_job_stops_on_lm_eval
                                capture_output=True, text=True, check=True).stdout
         assert "rows shared with eval splits: 0 over 6 splits" in shown
 
-    # Validation and test on the same lm-eval documents: the first evaluation job stops the run, and
-    # the next parse stops before any job with the same line.
+    # Validation and test are two lm-eval tasks of other names over the same documents (the name check
+    # cannot see it): the first evaluation job stops the run, and the next parse stops before any job.
     leaky = tmp_path / "leaky"
-    leaky.mkdir()
+    tasks_dir = leaky / "lm_tasks"
+    tasks_dir.mkdir(parents=True)
+    docs = tasks_dir / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(6)))
+    for name in ("ext_dev", "ext_final"):
+        spec = task_yaml({"task": name}, "test", str(docs))
+        (tasks_dir / f"{name}.yaml").write_text(yaml.safe_dump({**spec, "task": name}, sort_keys=False))
     config = tiny_config(tiny_model_dir, iterations=1)
-    config["eval_tasks"].append({"task": "ext", "lm_eval_task": {"val": "lamdagent_arith_test",
-                                                                "test": "lamdagent_arith_test"}})
+    config["evaluation"] = {**config.get("evaluation", {}), "include_paths": [str(tasks_dir)]}
+    config["eval_tasks"].append({"task": "ext", "lm_eval_task": {"val": "ext_dev", "test": "ext_final"}})
     path = leaky / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     message = "config: eval_tasks[2]: 6 of 6 rows of task 'ext', split 'test' are in its split 'val'"
