@@ -254,6 +254,10 @@ def action_details(recipe: dict, files: dict) -> dict:
     if spec.family == "merge":
         details["mergekit_method"] = spec.merge_method
         details["mergekit_config"] = "mergekit_config.yml"
+    if spec.family == "custom":
+        code = recipe["code"]
+        details["code"] = dict(code)  # the script (or entry point's module) and the sha256 the model id holds
+        details["random"] = f"whatever the action draws; it is given the seed {recipe['seed']} as {{seed}}"
     if recipe["action"] == "dare_ties":
         details["random"] = (f"drop masks (keep each task-vector entry with probability {params['density']}) drawn "
                              f"from torch's global RNG, seeded with {recipe['seed']} (mergekit random_seed): "
@@ -728,6 +732,14 @@ def build_step(recipe: dict, parents: dict, datasets: dict, out_dir, config: dic
             elif family == "merge":
                 metrics = merge(**merge_kwargs(recipe, parents, staged))
                 precision, device = merge_precision(recipe["params"]["dtype"]), metrics["device"]
+            elif family == "custom":
+                from . import custom
+
+                spec = action_spec(recipe["action"])
+                custom.verify_code(spec.name, recipe["code"])
+                metrics = custom.run(recipe["code"], custom.action_values(recipe, spec, parents, datasets),
+                                     str(staged), recipe["seed"])
+                precision, device = metrics["precision"], "cpu"
             else:
                 raise ValueError(f"no builder for action {recipe['action']!r}")
         return record_model(staged, recipe, parents=parents, datasets=datasets, config=config, usage=usage,
