@@ -191,8 +191,15 @@ def test_a_custom_command_makes_a_model_with_its_lineage(tmp_path, default_confi
                                           "sha256": sha256_file(script)}
     assert lineage["recipe"]["code"]["sha256"] == sha256_file(script) and lineage["model"] == out.name
     assert lineage["run"]["metrics"]["precision"] == "fp32"
+    assert lineage["determinism"]["bit_reproducible"] is False  # the user's code decides, not known here
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial")]  # renamed into place
     assert "copied" in Path(tmp_path / "logs" / "copy_model" / f"{out.name}.log").read_text()
+    # Read without the config (`lamdagent lineage`), the record declares its action itself.
+    from lamdagent.lineage import load_lineage, render_tree
+
+    del ACTIONS["copy_model"]
+    assert "copy_model(tiny)" in render_tree(load_lineage(out))
+    assert ACTIONS["copy_model"].code == lineage["recipe"]["code"]
 
 
 @pytest.mark.parametrize("body, reason", [
@@ -287,3 +294,16 @@ def test_the_agent_runs_a_users_kto_script_and_records_a_failing_one(tmp_path, t
     assert (workdir / "results" / "leaderboard.tsv").is_file()
     initial = read_json(workdir / "results" / "agent" / "iter_0" / "step.json")["initial"]
     assert {e["name"]: e["status"] for e in initial}["pref-arith"] == "done"
+
+
+def test_restore_rebuilds_a_custom_model_from_its_recipe(tmp_path, default_config, script, tiny_model_dir):
+    """keep_top_k's restore_model (lineage.build_step) runs a custom action in-process, as its job does."""
+    from lamdagent.lineage import build_step
+
+    config = load(with_action(default_config, "copy_model", copy_action(script)), tmp_path)
+    recipe = make_recipe("copy_model", ("tiny", 1e-4), datasets={}, training=config["training"],
+                         merging=config["merging"], seed=0)
+    out = tmp_path / "models" / model_id(recipe)
+    lineage = build_step(recipe, {"model": str(tiny_model_dir)}, {}, out, config)
+    assert lineage["model"] == out.name and (out / "model.safetensors").is_file()
+    assert sha256_file(out / "model.safetensors") == sha256_file(tiny_model_dir / "model.safetensors")
