@@ -51,6 +51,7 @@ class ActionSpec:
     conda: str | None = None  # the rule's conda env file (None: the family's envs/*.yaml)
     code: dict | None = None  # custom: how it runs and the hash of its code (enters every recipe)
     fixed: dict | None = None  # custom: parameters that are not slots (config's `params`), in every recipe
+    distinct_models: bool = False  # custom: combinations naming one model twice are left out
 
     def slot_index(self, name: str) -> int:
         return [slot.name for slot in self.slots].index(name)
@@ -193,7 +194,7 @@ def custom_spec(name: str, entry: dict) -> ActionSpec:
     how = code.get("script") or entry.get("entry_point")
     return ActionSpec(name=name, short=entry.get("short", name), describe=entry["description"], slots=slots,
                       library=f"custom action ({how})", family="custom", conda=entry.get("conda"), code=code,
-                      fixed=dict(entry.get("params") or {}))
+                      fixed=dict(entry.get("params") or {}), distinct_models=bool(entry.get("distinct_models")))
 
 
 def action_spec(name: str) -> ActionSpec:
@@ -206,8 +207,11 @@ def action_spec(name: str) -> ActionSpec:
 def is_valid_combination(action: str, values: tuple) -> bool:
     """Combinations that would run but mean nothing are left out of the action space."""
     spec = ACTIONS[action]
+    if spec.family == "custom":  # a custom action says itself whether one model may fill two slots
+        models = [value for slot, value in zip(spec.slots, values) if slot.kind == "model"]
+        return not spec.distinct_models or len(set(models)) == len(models)
     if spec.family != "merge":
-        return True  # a custom action decides itself what its inputs may be
+        return True
     models = {slot.name: value for slot, value in zip(spec.slots, values) if slot.kind == "model"}
     if models["model_a"] == models["model_b"]:
         return False

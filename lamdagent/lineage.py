@@ -542,6 +542,8 @@ def _node_lines(node: dict, label: str, prefix: str, last: bool, top: bool) -> l
                      + (f", saved in {run['metrics']['save_dtype']}" if "save_dtype" in run.get("metrics", {}) else "")
                      + f"; {det}")
         for key, value in node.get("details", {}).items():
+            if key == "custom_action":  # its declaration: what it does and its slots
+                value = {"description": value["description"], "slots": [slot["name"] for slot in value["slots"]]}
             if isinstance(value, dict):
                 value = ", ".join(f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in value.items())
             lines.append(f"{child}   {key}: {value}")

@@ -307,3 +307,24 @@ def test_restore_rebuilds_a_custom_model_from_its_recipe(tmp_path, default_confi
     lineage = build_step(recipe, {"model": str(tiny_model_dir)}, {}, out, config)
     assert lineage["model"] == out.name and (out / "model.safetensors").is_file()
     assert sha256_file(out / "model.safetensors") == sha256_file(tiny_model_dir / "model.safetensors")
+
+
+def test_the_example_config_declares_kto_and_a_three_model_merge(tmp_path, tiny_model_dir):
+    """config/examples/custom-action.yaml: KTO from a script, a mergekit merge of three models from an
+    entry point (run here on three copies of the tiny model)."""
+    from lamdagent.actions import count_actions
+
+    config = load(yaml.safe_load((REPO / "config" / "examples" / "custom-action.yaml").read_text()), REPO)
+    assert config["custom_actions"]["kto"]["code"]["sha256"] == sha256_file(REPO / "examples" / "actions" / "kto.py")
+    assert config["custom_actions"]["merge3"]["code"]["module_file"] == "examples/actions/merge3.py"
+    assert ACTIONS["merge3"].slots[3].describe == "the weights of the three models"
+    # 4 candidate models, three distinct ones in order, two weight lists.
+    assert count_actions(config["action_types"], config["objects"])["merge3"] == 4 * 3 * 2 * 2
+    models = []
+    for name in "abc":
+        models.append(tmp_path / name)
+        shutil.copytree(tiny_model_dir, models[-1])
+    metrics = custom.run(config["custom_actions"]["merge3"]["code"],
+                         {"model_a": str(models[0]), "model_b": str(models[1]), "model_c": str(models[2]),
+                          "weights": [2.0, 1.0, 1.0]}, str(tmp_path / "merged"), seed=0, workdir=str(REPO))
+    assert metrics["n_models"] == 3 and metrics["precision"] == "fp32"
