@@ -564,8 +564,9 @@ def _study_defaults(config: dict) -> None:
 
     baselines = config.setdefault("baselines", {})
     kinds = slot_kinds(config)
+    # The built-ins' slots only: a custom action's `weights` or `learning_rate` is not the baselines' TIES or SFT.
     objects_of = {slot.name: config["objects"][object_type]
-                  for action, object_types in config["action_types"].items()
+                  for action, object_types in config["action_types"].items() if action in BUILTIN_ACTIONS
                   for slot, object_type in zip(ACTIONS[action].slots, object_types)}
     bases = [m for m in config["models"] if "recipe" not in config["models"][m]]
     base = baselines.setdefault("base", next((m for t, v in config["objects"].items() if kinds.get(t) == "model"

@@ -32,7 +32,8 @@ SCRIPT_SUFFIXES = (".py", ".sh", ".bash", ".R", ".jl", ".pl", ".rb")
 # Rules of the workflow besides the actions (a custom action becomes a rule of its own name).
 WORKFLOW_RULES = frozenset({
     "all", "init_pool", "initial_step", "propose", "outcome", "update_memory", "baseline_recipes",
-    "random_baseline", "table1", "baselines", "generate_task", "prepare_dataset", "evaluate", "score",
+    "random_baseline", "table1", "baselines", "generate_task", "prepare_dataset", "prepare_eval_task",
+    "fetch_lm_eval_task", "evaluate", "score",
     "import_model", "restore_model", "leaderboard", "topk", "figures", "costs", "generate_train",
     "resize_dataset", "replay_data", "replay_model", "scaling_data", "scaling_model", "scaling",
 })

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import jsonschema
 import pytest
 import yaml
 
@@ -320,6 +321,9 @@ def test_the_example_config_declares_kto_and_a_three_model_merge(tmp_path, tiny_
     assert ACTIONS["merge3"].slots[3].describe == "the weights of the three models"
     # 4 candidate models, three distinct ones in order, two weight lists.
     assert count_actions(config["action_types"], config["objects"])["merge3"] == 4 * 3 * 2 * 2
+    # Its `weights` slot is not the TIES baseline's (two weights), whatever the order of action_types.
+    assert config["baselines"]["ties"]["weights"] == [[0.5, 0.5]]
+    jsonschema.validate(config, yaml.safe_load((REPO / "lamdagent" / "schemas" / "config.schema.yaml").read_text()))
     models = []
     for name in "abc":
         models.append(tmp_path / name)
