@@ -5,6 +5,11 @@ that fills each slot (``sft: [models, sft_dataset, sft_lr]``). Trailing ``option
 hyper-parameter such as the epochs) may be left out: the value then comes from config's
 ``training``/``merging`` section. Enumeration is the product of the candidate lists, minus
 combinations that cannot run (a merge of a model with itself).
+
+The registry ``ACTIONS`` holds the built-ins and config's ``custom_actions`` (family ``custom``, see
+``lamdagent.custom``): the workflow makes one rule per entry, so a built-in and a user's action run
+the same way. Config registers its custom actions when it is loaded (``register_custom_actions``),
+in the Snakemake process and again in every job.
 """
 
 from __future__ import annotations
@@ -14,17 +19,20 @@ from dataclasses import dataclass
 from typing import Any
 
 DATASET_KINDS = ("dataset", "preference_dataset")
+SLOT_KINDS = ("model", *DATASET_KINDS, "number", "weights", "string")
+FAMILIES = ("train", "merge", "custom")
 
 
 @dataclass(frozen=True)
 class Slot:
     name: str
-    kind: str  # "model" | "dataset" | "preference_dataset" | "number" | "weights"
+    kind: str  # one of SLOT_KINDS
     describe: str
     optional: bool = False  # a trailing hyper-parameter slot that config may leave to its default
     upper: float | None = None  # numbers: the largest value allowed (inclusive)
     integer: bool = False  # numbers: whole numbers only
     implied: bool = False  # models: left out of the short pipeline text (a merge's base model)
+    length: int | None = 2  # weights: how many (None: any number, as a custom N-model merge takes)
 
     @property
     def is_dataset(self) -> bool:
@@ -38,8 +46,12 @@ class ActionSpec:
     describe: str
     slots: tuple[Slot, ...]
     library: str
-    family: str  # "train" (a trainer on a dataset) or "merge" (mergekit)
+    family: str  # "train" (a trainer on a dataset), "merge" (mergekit) or "custom" (config's custom_actions)
     merge_method: str | None = None  # mergekit's merge_method name
+    conda: str | None = None  # the rule's conda env file (None: the family's envs/*.yaml)
+    code: dict | None = None  # custom: how it runs and the hash of its code (enters every recipe)
+    fixed: dict | None = None  # custom: parameters that are not slots (config's `params`), in every recipe
+    distinct_models: bool = False  # custom: combinations naming one model twice are left out
 
     def slot_index(self, name: str) -> int:
         return [slot.name for slot in self.slots].index(name)
@@ -62,7 +74,7 @@ _B = Slot("model_b", "model", "the second model to merge")
 _WEIGHTS = Slot("weights", "weights", "the merge weights of the two models")
 _DENSITY = Slot("density", "number", "the fraction of each task vector kept", upper=1.0)
 
-ACTIONS: dict[str, ActionSpec] = {
+BUILTIN_ACTIONS: dict[str, ActionSpec] = {
     "sft": ActionSpec(
         name="sft",
         short="sft",
@@ -153,7 +165,36 @@ ACTIONS: dict[str, ActionSpec] = {
     ),
 }
 
-ACTION_PREFIXES = tuple(f"{name}-" for name in ACTIONS)
+# The registry: built-ins first, then the custom actions of the loaded config.
+ACTIONS: dict[str, ActionSpec] = dict(BUILTIN_ACTIONS)
+
+
+def action_prefixes() -> tuple[str, ...]:
+    """``<action>-``: the start of every built model's id (named models may not use them)."""
+    return tuple(f"{name}-" for name in ACTIONS)
+
+
+def register_custom_actions(config: dict) -> None:
+    """Make config's ``custom_actions`` entries of ``ACTIONS``, replacing those of an earlier config.
+
+    Each entry has been checked and given its ``code`` (the hash of its script or module) by
+    ``lamdagent.config.load``; a job reads the same config, so it registers the same specs.
+    """
+    for name in [name for name, spec in ACTIONS.items() if spec.family == "custom"]:
+        del ACTIONS[name]
+    for name, entry in (config.get("custom_actions") or {}).items():
+        ACTIONS[name] = custom_spec(name, entry)
+
+
+def custom_spec(name: str, entry: dict) -> ActionSpec:
+    slots = tuple(Slot(slot["name"], slot["kind"], slot["description"], upper=slot.get("max"),
+                       integer=bool(slot.get("integer", False)), length=None)
+                  for slot in entry["slots"])
+    code = entry.get("code") or {}
+    how = code.get("script") or entry.get("entry_point")
+    return ActionSpec(name=name, short=entry.get("short", name), describe=entry["description"], slots=slots,
+                      library=f"custom action ({how})", family="custom", conda=entry.get("conda"), code=code,
+                      fixed=dict(entry.get("params") or {}), distinct_models=bool(entry.get("distinct_models")))
 
 
 def action_spec(name: str) -> ActionSpec:
@@ -166,6 +207,9 @@ def action_spec(name: str) -> ActionSpec:
 def is_valid_combination(action: str, values: tuple) -> bool:
     """Combinations that would run but mean nothing are left out of the action space."""
     spec = ACTIONS[action]
+    if spec.family == "custom":  # a custom action says itself whether one model may fill two slots
+        models = [value for slot, value in zip(spec.slots, values) if slot.kind == "model"]
+        return not spec.distinct_models or len(set(models)) == len(models)
     if spec.family != "merge":
         return True
     models = {slot.name: value for slot, value in zip(spec.slots, values) if slot.kind == "model"}

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-from .actions import ACTION_PREFIXES, ACTIONS, count_actions
+from . import custom
+from .actions import ACTIONS, BUILTIN_ACTIONS, SLOT_KINDS, action_prefixes, count_actions, register_custom_actions
 from .tasks import PREFERENCE_TASKS, TASKS
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
@@ -25,6 +27,7 @@ METRIC_MAX = {"exact_match": 1.0, "acc": 1.0, "acc_norm": 1.0, "f1": 1.0, "mc1":
 
 DEFAULTS: dict[str, Any] = {
     "proposals_per_iteration": 1,
+    "custom_actions": {},
     "controller": {
         "temperature": 0.0,
         "timeout_s": 120.0,
@@ -128,6 +131,7 @@ def load(config: dict, workdir: str | Path = ".") -> dict:
                                                 "vLLM and no test runs it; use 'hf'")
     _schema_check(config)
     config = _merge_defaults(config, DEFAULTS)
+    _custom_actions(config, Path(workdir))
     check(config, Path(workdir))
     _check_tracking(config)
     _study_defaults(config)
@@ -203,9 +207,14 @@ def _check_value(kind: str, value: Any, key: str, config: dict, slot=None) -> No
         if slot is not None and slot.integer and value != int(value):
             raise ConfigError(key, f"{value!r} must be a whole number ({slot.name})")
     elif kind == "weights":
-        if (not isinstance(value, list) or len(value) != 2
+        length = 2 if slot is None else slot.length
+        if (not isinstance(value, list) or not value or (length is not None and len(value) != length)
                 or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x <= 0 for x in value)):
-            raise ConfigError(key, f"{value!r} must be a list of two positive merge weights")
+            raise ConfigError(key, f"{value!r} must be a list of {'two' if length == 2 else length or 'some'} "
+                                   "positive merge weights")
+    elif kind == "string":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, f"{value!r} must be a non-empty string")
 
 
 def check(config: dict, workdir: Path) -> None:
@@ -239,8 +248,8 @@ def check(config: dict, workdir: Path) -> None:
     # Named models.
     for name, spec in config["models"].items():
         key = f"models.{name}"
-        if name.startswith(ACTION_PREFIXES):
-            raise ConfigError(key, f"names starting with {'/'.join(ACTION_PREFIXES)} are reserved for built models")
+        if name.startswith(action_prefixes()):
+            raise ConfigError(key, f"names starting with {'/'.join(action_prefixes())} are reserved for built models")
         has_recipe, source = "recipe" in spec, spec.get("source")
         if has_recipe == (source is not None):
             raise ConfigError(key, "give exactly one of `source` (embedded, local, hub) or `recipe`")
@@ -406,6 +415,81 @@ def _check_lm_eval_names(config: dict, workdir: Path) -> None:
                               f"unknown lm-eval task {name!r} (not built in, nor under evaluation.include_paths)")
 
 
+CUSTOM_RESOURCES = {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240, "retries": 2}
+
+
+def _custom_actions(config: dict, workdir: Path) -> None:
+    """Check config's ``custom_actions``, hash their code into ``code`` and register them as actions.
+
+    Each becomes a rule of its own name, with ``resources.<name>`` (defaults < its own ``resources``
+    < the top-level ``resources.<name>``).
+    """
+    for name, entry in config["custom_actions"].items():
+        key = f"custom_actions.{name}"
+        if name in BUILTIN_ACTIONS:
+            raise ConfigError(key, f"{name!r} is a built-in action; give yours another name")
+        if name in custom.WORKFLOW_RULES:
+            raise ConfigError(key, f"{name!r} is the name of a workflow rule; give the action another name")
+        if not name.isidentifier() or not name.isascii() or name.startswith("_"):
+            raise ConfigError(key, "an action name is a Python-style identifier (letters, digits, _), e.g. orpo")
+        names = []
+        for index, slot in enumerate(entry["slots"]):
+            slot_key = f"{key}.slots[{index}]"
+            if slot["kind"] not in SLOT_KINDS:
+                raise ConfigError(f"{slot_key}.kind", f"unknown slot kind {slot['kind']!r}; known: {', '.join(SLOT_KINDS)}")
+            if not slot["name"].isidentifier() or slot["name"] in custom.TEMPLATE_FIELDS:
+                raise ConfigError(f"{slot_key}.name", f"{slot['name']!r} must be an identifier other than "
+                                                      f"{', '.join(custom.TEMPLATE_FIELDS)}")
+            if slot["name"] in names:
+                raise ConfigError(f"{slot_key}.name", f"duplicate slot {slot['name']!r}")
+            names.append(slot["name"])
+        params = entry.get("params") or {}
+        for param in params:
+            if param in names or param in custom.TEMPLATE_FIELDS or not param.isidentifier():
+                raise ConfigError(f"{key}.params.{param}", "must be an identifier that is neither a slot nor "
+                                                           f"{', '.join(custom.TEMPLATE_FIELDS)}")
+        if ("command" in entry) == ("entry_point" in entry):
+            raise ConfigError(key, "give exactly one of `command` (a template) or `entry_point` (package.module:function)")
+        if "command" in entry:
+            try:
+                fields = custom.template_fields(entry["command"])
+            except ValueError as err:
+                raise ConfigError(f"{key}.command", f"not a valid template: {err}") from None
+            for field in fields:
+                if field not in names and field not in params and field not in custom.TEMPLATE_FIELDS:
+                    raise ConfigError(f"{key}.command", f"{{{field}}} is not a slot of {name} (slots: {', '.join(names)}; "
+                                                        f"also {', '.join('{' + f + '}' for f in custom.TEMPLATE_FIELDS)})")
+            if "output" not in fields:
+                raise ConfigError(f"{key}.command", "never names {output}, the directory the model is saved to")
+            script = custom.script_of(entry)
+            script_key = f"{key}.script" if "script" in entry else f"{key}.command"
+            if script is None:
+                raise ConfigError(f"{key}.script", "missing: name the file the command runs (its sha256 enters the "
+                                                   "model ids)")
+            path = workdir / script
+            if not path.is_file():
+                raise ConfigError(script_key, f"script {script} not found (looked in {workdir.resolve()})")
+        else:
+            found = custom.module_file(entry["entry_point"], workdir)
+            if found is None:
+                raise ConfigError(f"{key}.entry_point", f"module {entry['entry_point'].partition(':')[0]!r} not "
+                                                        f"found (importable from {workdir.resolve()} or the environment)")
+            path = Path(found)
+        if "conda" in entry:
+            conda = (workdir / entry["conda"]).resolve()
+            if not conda.is_file():
+                raise ConfigError(f"{key}.conda", f"{conda} is not a file (a conda env YAML)")
+            entry["conda"] = str(conda)
+        code = custom.code_identity(entry, path)
+        if "entry_point" in entry:  # recorded relative to the workdir where it can be, so a moved checkout keeps ids
+            code["module_file"] = os.path.relpath(path.resolve(), workdir.resolve()) \
+                if path.resolve().is_relative_to(workdir.resolve()) else str(path.resolve())
+        entry["code"] = code
+        config["resources"][name] = {**CUSTOM_RESOURCES, **entry.get("resources", {}),
+                                     **config["resources"].get(name, {})}
+    register_custom_actions(config)
+
+
 def _check_proposals(config: dict) -> None:
     """k distinct proposals need k distinct actions in the first iteration's space (it only grows)."""
     k = config["proposals_per_iteration"]
@@ -480,8 +564,9 @@ def _study_defaults(config: dict) -> None:
 
     baselines = config.setdefault("baselines", {})
     kinds = slot_kinds(config)
+    # The built-ins' slots only: a custom action's `weights` or `learning_rate` is not the baselines' TIES or SFT.
     objects_of = {slot.name: config["objects"][object_type]
-                  for action, object_types in config["action_types"].items()
+                  for action, object_types in config["action_types"].items() if action in BUILTIN_ACTIONS
                   for slot, object_type in zip(ACTIONS[action].slots, object_types)}
     bases = [m for m in config["models"] if "recipe" not in config["models"][m]]
     base = baselines.setdefault("base", next((m for t, v in config["objects"].items() if kinds.get(t) == "model"

@@ -22,8 +22,9 @@ from .actions import ACTIONS
 COLUMNS = ["kind", "stage", "jobs", "wall_s", "cpu_s", "gpus", "gpu_s", "gpu_busy_s", "max_rss_mb", "calls", "tokens_in",
            "tokens_out", "latency_s", "cost_usd"]
 
-# Rules whose jobs run with config resources[<family>] (and so with its GPU count).
-GPU_FAMILIES = {*ACTIONS, "evaluate", "import_model"}
+# Rules besides the actions (ACTIONS: the built-ins and config's custom ones) whose jobs run with config
+# resources[<family>] (and so with its GPU count).
+GPU_FAMILIES = {"evaluate", "import_model"}
 AGENT_STAGES = {"propose": "agent:propose", "memory": "agent:update_memory", "iter": "agent:initial_step",
                 "init": "agent:init_pool", "outcome": "agent:outcome"}
 
@@ -136,7 +137,7 @@ def costs_table(bench_dir: str | Path, agent_dir: str | Path, resources: dict, p
     for job in jobs.itertuples():
         record = job_record(job.family, job.name, evals_dir, models_dir)
         recorded = recorded_gpus(record)
-        asked = int(resources.get(job.family, {}).get("gpu", 0)) if job.family in GPU_FAMILIES else 0
+        asked = int(resources.get(job.family, {}).get("gpu", 0)) if job.family in GPU_FAMILIES or job.family in ACTIONS else 0
         gpus.append(asked if recorded is None else recorded)
         measured = record.get("gpu_busy_s")
         busy.append(float(measured) if measured is not None else (0.0 if gpus[-1] == 0 else float("nan")))

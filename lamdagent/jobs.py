@@ -18,7 +18,11 @@ from .fileio import atomic_directory, atomic_write_json, atomic_write_text, read
 
 @contextlib.contextmanager
 def job_context(smk):
-    """Redirect fds 1 and 2 to the rule's log and pin torch's thread count."""
+    """Redirect fds 1 and 2 to the rule's log and pin torch's thread count; register config's custom actions."""
+    from .actions import register_custom_actions
+
+    # A job is a process of its own: its registry starts with the built-ins until config's are added.
+    register_custom_actions(getattr(smk, "config", None) or {})
     log_path = Path(smk.log[0])
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
@@ -173,16 +177,13 @@ def _run_action(smk, action: str, call: str, kwargs: dict, *, gpus: int = 0) -> 
         return None
 
 
-def sft(smk):
-    _train(smk)
+def build_model(smk):
+    """Every action's rule (named after the action): its family says how the recipe is run."""
+    from .actions import action_spec, register_custom_actions
 
-
-def sft_lora(smk):
-    _train(smk)
-
-
-def dpo(smk):
-    _train(smk)
+    register_custom_actions(smk.config)  # this job is a process of its own: the registry starts with the built-ins
+    family = action_spec(smk.rule).family
+    {"train": _train, "merge": _merge, "custom": _custom}[family](smk)
 
 
 def _train(smk):
@@ -212,26 +213,6 @@ def _train(smk):
                       processes=1 if gpus <= 1 else gpus, gpus=max(gpus, 1) if cuda else 0, metrics=metrics)
 
 
-def ties_merging(smk):
-    _merge(smk)
-
-
-def linear(smk):
-    _merge(smk)
-
-
-def task_arithmetic(smk):
-    _merge(smk)
-
-
-def dare_ties(smk):
-    _merge(smk)
-
-
-def slerp(smk):
-    _merge(smk)
-
-
 def _merge(smk):
     """Every mergekit action: the recipe names the method and its parameters."""
     from .actions import action_spec
@@ -250,6 +231,55 @@ def _merge(smk):
         _store_recipe(smk, recipe, stop_clock(clock), device=metrics["device"],
                       precision=merge_precision(recipe["params"]["dtype"]), gpus=int(metrics["device"] != "cpu"),
                       metrics=metrics)
+
+
+def _custom(smk):
+    """A custom action (config's custom_actions): its command or entry point in the child process, into a
+    staging directory that becomes the model directory, lineage included, by one rename."""
+    from . import custom
+    from .actions import action_spec
+    from .launch import gpu_count
+    from .lineage import start_clock, stop_clock
+
+    recipe = read_json(smk.input.recipe)
+    spec = action_spec(recipe["action"])
+    parents = {s.name: getattr(smk.input, s.name) for s in spec.slots if s.kind == "model"}
+    datasets = {s.name: getattr(smk.input, s.name) for s in spec.slots if s.is_dataset}
+    _require_weights(*parents.values())
+    with job_context(smk):
+        custom.verify_code(spec.name, recipe["code"])
+        clock = start_clock()
+        gpus = gpu_count(smk.resources)
+        try:
+            with atomic_directory(smk.output.model) as staged:
+                kwargs = dict(code=recipe["code"], values=custom.action_values(recipe, spec, parents, datasets),
+                              output=str(staged), seed=recipe["seed"], threads=max(1, int(smk.threads or 1)),
+                              gpus=gpus, workdir=os.getcwd())
+                # One child process; the command itself starts more (torchrun, accelerate) where it wants.
+                metrics = _run_action(smk, spec.name, "lamdagent.custom:run", kwargs)
+                if metrics is None:  # recorded as a failed step in the model directory
+                    raise _ActionRecorded
+                print(f"{spec.name} metrics: {metrics}")
+                lineage = _lineage_of(smk, recipe, staged, stop_clock(clock), gpus=gpus, metrics=metrics)
+                print(f"lineage: {spec.name} code {recipe['code']['sha256'][:12]}, {len(lineage['files'])} files")
+        except _ActionRecorded:
+            return
+
+
+class _ActionRecorded(Exception):
+    """Leaves the staging of a custom action whose failure ``_run_action`` has recorded."""
+
+
+def _lineage_of(smk, recipe: dict, staged, usage: dict, *, gpus: int, metrics: dict) -> dict:
+    from .actions import action_spec
+    from .lineage import record_model
+
+    slots = action_spec(recipe["action"]).slots
+    device = "cuda" if gpus else "cpu"  # the action's own code decides; the rule's GPUs say what it could use
+    return record_model(staged, recipe, parents={s.name: getattr(smk.input, s.name) for s in slots if s.kind == "model"},
+                        datasets={s.name: getattr(smk.input, s.name) for s in slots if s.is_dataset},
+                        config=smk.config, usage=usage, device=device, precision=metrics.get("precision", "unknown"),
+                        gpus=gpus, metrics=metrics, final_dir=smk.output.model)
 
 
 def restore_model(smk):

@@ -254,6 +254,16 @@ def action_details(recipe: dict, files: dict) -> dict:
     if spec.family == "merge":
         details["mergekit_method"] = spec.merge_method
         details["mergekit_config"] = "mergekit_config.yml"
+    if spec.family == "custom":
+        details["code"] = dict(recipe["code"])  # the script (or entry point's module) and the sha256 the model id holds
+        # The action's declaration, so that the record is read (and rebuilt) without the config.
+        details["custom_action"] = {"description": spec.describe, "short": spec.short, "params": dict(spec.fixed or {}),
+                                    "slots": [{"name": s.name, "kind": s.kind, "description": s.describe,
+                                               **({"max": s.upper} if s.upper is not None else {}),
+                                               **({"integer": True} if s.integer else {})} for s in spec.slots],
+                                    **{key: recipe["code"][key] for key in ("command", "entry_point")
+                                       if key in recipe["code"]}}
+        details["random"] = f"whatever the action draws; it is given the seed {recipe['seed']} as {{seed}}"
     if recipe["action"] == "dare_ties":
         details["random"] = (f"drop masks (keep each task-vector entry with probability {params['density']}) drawn "
                              f"from torch's global RNG, seeded with {recipe['seed']} (mergekit random_seed): "
@@ -330,6 +340,10 @@ def dataset_node(name: str, path: str | os.PathLike, spec: dict | None, config: 
     return node
 
 
+# A custom action's code is the user's: whether it gives the same bits twice is not known here.
+CUSTOM_DETERMINISM = {"bit_reproducible": False, "reason": "a custom action: its own code decides what it draws"}
+
+
 def build_lineage(model_dir: str | os.PathLike, recipe: dict, *, parents: dict[str, str | os.PathLike],
                   datasets: dict[str, str | os.PathLike], config: dict, usage: dict, device: str = "cpu",
                   precision: str = "fp32", processes: int = 1, gpus: int = 0, metrics: dict | None = None,
@@ -369,7 +383,8 @@ def build_lineage(model_dir: str | os.PathLike, recipe: dict, *, parents: dict[s
         "packages": package_versions(),
         "hardware": hardware(),
         "determinism": determinism(device, precision, processes,
-                                   random=details["random"] if recipe["action"] == "dare_ties" else None),
+                                   random=details["random"] if recipe["action"] == "dare_ties" else None)
+        if "code" not in recipe else CUSTOM_DETERMINISM,
         "details": details,
     }
 
@@ -428,7 +443,21 @@ def load_lineage(model_dir: str | os.PathLike) -> dict:
     path = Path(model_dir) / LINEAGE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no lineage record (models built before lineage existed have none)")
-    return read_json(path)
+    record = read_json(path)
+    register_recorded_actions(record)
+    return record
+
+
+def register_recorded_actions(record: dict) -> None:
+    """Custom actions of a tree that the registry lacks (read without the config) become known from
+    their recorded declaration, so the tree renders and rebuilds."""
+    from .actions import ACTIONS, custom_spec
+
+    for node in walk(record):
+        declared = node.get("details", {}).get("custom_action")
+        action = node.get("recipe", {}).get("action")
+        if declared and action not in ACTIONS:
+            ACTIONS[action] = custom_spec(action, {**declared, "code": node["recipe"]["code"]})
 
 
 def walk(node: dict) -> Iterator[dict]:
@@ -513,6 +542,8 @@ def _node_lines(node: dict, label: str, prefix: str, last: bool, top: bool) -> l
                      + (f", saved in {run['metrics']['save_dtype']}" if "save_dtype" in run.get("metrics", {}) else "")
                      + f"; {det}")
         for key, value in node.get("details", {}).items():
+            if key == "custom_action":  # its declaration: what it does and its slots
+                value = {"description": value["description"], "slots": [slot["name"] for slot in value["slots"]]}
             if isinstance(value, dict):
                 value = ", ".join(f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in value.items())
             lines.append(f"{child}   {key}: {value}")
@@ -728,6 +759,14 @@ def build_step(recipe: dict, parents: dict, datasets: dict, out_dir, config: dic
             elif family == "merge":
                 metrics = merge(**merge_kwargs(recipe, parents, staged))
                 precision, device = merge_precision(recipe["params"]["dtype"]), metrics["device"]
+            elif family == "custom":
+                from . import custom
+
+                spec = action_spec(recipe["action"])
+                custom.verify_code(spec.name, recipe["code"])
+                metrics = custom.run(recipe["code"], custom.action_values(recipe, spec, parents, datasets),
+                                     str(staged), recipe["seed"])
+                precision, device = metrics["precision"], "cpu"
             else:
                 raise ValueError(f"no builder for action {recipe['action']!r}")
         return record_model(staged, recipe, parents=parents, datasets=datasets, config=config, usage=usage,

@@ -36,6 +36,8 @@ LORA_FIXED = {"lora_dropout": 0.0, "lora_target_modules": "all-linear"}
 def action_settings(action: str, *, training: dict, merging: dict) -> dict:
     """The config-wide parameters of one action type, as they enter its recipe."""
     spec = action_spec(action)
+    if spec.family == "custom":  # its own fixed parameters, none of training's or merging's
+        return dict(spec.fixed or {})
     if spec.family == "merge":
         return {key: merging[key] for key in MERGE_SETTINGS[spec.merge_method] if key in merging}
     settings = {key: training[key] for key in sorted(training)}
@@ -69,13 +71,18 @@ def make_recipe(action: str, values: tuple | list, *, datasets: dict[str, dict],
             inputs[slot.name] = {"name": value, "sha256": entry["sha256"], "rows": entry["rows"]}
         elif slot.kind == "weights":
             params[slot.name] = [float(x) for x in value]
+        elif slot.kind == "string":
+            params[slot.name] = str(value)
         elif slot.integer or (isinstance(params.get(slot.name), int) and float(value).is_integer()):
             # A whole number overriding a whole-number default (epochs: 1) is written like it, so that
             # the same value as an object or as the default is the same recipe.
             params[slot.name] = int(value)
         else:
             params[slot.name] = float(value)
-    return {"action": action, "inputs": inputs, "params": params, "seed": seed}
+    recipe = {"action": action, "inputs": inputs, "params": params, "seed": seed}
+    if spec.code:  # a custom action's code: changing its script makes new ids (built-ins' ids have no such key)
+        recipe["code"] = dict(spec.code)
+    return recipe
 
 
 class RecipeStore:

@@ -135,6 +135,13 @@ def used_datasets():
 # ---- models -----------------------------------------------------------------------------------
 
 
+def action_env(spec):
+    """The conda env of an action's rule: a custom action's own file, else its family's."""
+    if spec.conda:
+        return spec.conda
+    return "../envs/merge.yaml" if spec.family == "merge" else "../envs/train.yaml"
+
+
 def built_model_inputs(action):
     """Inputs of a model rule: its parents and datasets, read from the recipe the agent saved."""
 

@@ -102,7 +102,7 @@ def test_an_exception_in_the_action_is_recorded_with_the_log_tail(tmp_path, tiny
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
     smk = sft_smk(tmp_path, tiny_model_dir, bad)
-    jobs.sft(smk)  # the job itself succeeds: Snakemake keeps the record and does not retry it
+    jobs.build_model(smk)  # the job itself succeeds: Snakemake keeps the record and does not retry it
     record = only_failure_record(Path(smk.output.model))
     assert record["kind"] == "error" and record["status"] == "failed" and record["action"] == "sft"
     assert record["reason"].startswith("ValueError: ") and "bad.jsonl:2: 'completion'" in record["reason"]
@@ -116,7 +116,7 @@ def test_a_time_limit_is_recorded_and_the_child_is_stopped(tmp_path, tiny_model_
     # runtime 1 min less a 58.5 s margin: the action has 1.5 s, less than loading torch and the model takes.
     smk = sft_smk(tmp_path, tiny_model_dir, data, runtime=1, margin=58.5)
     started = time.monotonic()
-    jobs.sft(smk)
+    jobs.build_model(smk)
     assert time.monotonic() - started < 1.5 + failures.STOP_GRACE_S
     record = only_failure_record(Path(smk.output.model))
     assert record["kind"] == "time_limit" and record["reason"].startswith("time limit: stopped after")
@@ -141,7 +141,7 @@ def test_a_merge_that_succeeds_in_its_child_is_a_model(tmp_path, tiny_model_dir)
                               model_a=str(parents["a"]), model_b=str(parents["b"])),
         output=SimpleNamespace(model=str(tmp_path / "models" / model_id(recipe))),
         log=[str(tmp_path / "logs" / "ties.log")], wildcards=SimpleNamespace(hash=model_id(recipe)[-16:]))
-    jobs.ties_merging(smk)
+    jobs.build_model(smk)
     out = Path(smk.output.model)
     assert failures.read_failure(out) is None and (out / "config.json").is_file() and (out / "lineage.json").is_file()
     assert read_json(out / "lineage.json")["run"]["metrics"]["method"] == "ties"
@@ -153,7 +153,7 @@ def test_a_failed_input_model_fails_the_action_unrun(tmp_path, tiny_model_dir):
     data = tmp_path / "train.jsonl"
     write_jsonl(data, ROWS)
     smk = sft_smk(tmp_path, parent, data)
-    jobs.sft(smk)
+    jobs.build_model(smk)
     record = only_failure_record(Path(smk.output.model))
     assert record["kind"] == "input_failed" and record["reason"] == f"its input model {parent.name} failed: {REASON}"
     assert not list(Path(smk.log[0]).parent.glob("*.args.json"))  # no child was started

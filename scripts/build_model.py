@@ -1,4 +1,4 @@
-"""Snakemake rule `ties_merging`: see lamdagent.jobs.ties_merging."""
+"""Snakemake rule of every action (sft, ties_merging, ..., a custom action): see lamdagent.jobs.build_model."""
 import sys
 from pathlib import Path
 
@@ -7,4 +7,4 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - inject
 
 from lamdagent import jobs  # noqa: E402
 
-jobs.ties_merging(snakemake)  # noqa: F821
+jobs.build_model(snakemake)  # noqa: F821
