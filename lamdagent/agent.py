@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from . import prompts
 from .actions import ACTIONS, enumerate_actions, is_valid_combination
+from .controller import ControllerUnavailable
 from .objects import Pool, recipe_for
 from .parsing import parse_choice, parse_objects
 from .recipe import RecipeStore, model_id, pipeline_text
@@ -49,7 +50,9 @@ class CallLog:
         started = time.perf_counter()
         try:
             completion = controller.complete(prompt, max_tokens=max_tokens, stop=stop, prefix=prefix)
-        except Exception as err:  # noqa: BLE001 - a failed call is recorded and answered by the fallback
+        except ControllerUnavailable as err:  # transient errors outlasted the backoff: recorded, the fallback answers
+            # Anything else (a refused key, model or parameter: ControllerRejected) fails the job: a
+            # run must not turn into random search without a word.
             record["error"] = f"{type(err).__name__}: {err}"
             record["latency_s"] = time.perf_counter() - started
             self.calls.append(record)
@@ -75,13 +78,22 @@ class CallLog:
         return None
 
     def totals(self, since: int = 0) -> dict:
-        """Calls, tokens and latency of the calls from number ``since`` on (all by default)."""
+        """Calls, tokens and latency of the calls from number ``since`` on (all by default), and the
+        questions they asked (a question: its first call and the retries after it) with how many of
+        them no reply answered (``fallbacks``: the seeded random choice or summary memory took over)."""
         calls = self.calls[since:]
+        answered: list[bool] = []
+        for call in calls:
+            if call["attempt"] == 0 or not answered:
+                answered.append(False)
+            answered[-1] = answered[-1] or call["parsed"] is not None
         return {
             "calls": len(calls),
             "tokens_in": sum(c["tokens_in"] for c in calls),
             "tokens_out": sum(c["tokens_out"] for c in calls),
             "latency_s": round(sum(c["latency_s"] for c in calls), 4),
+            "questions": len(answered),
+            "fallbacks": answered.count(False),
         }
 
 
