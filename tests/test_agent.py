@@ -3,7 +3,7 @@
 import pytest
 
 from lamdagent.agent import CallLog, propose
-from lamdagent.controller import Completion
+from lamdagent.controller import Completion, ControllerRejected, ControllerUnavailable
 from lamdagent.memory import update_memory
 from lamdagent.objects import Pool
 from lamdagent.prompts import object_selection, type_selection
@@ -111,10 +111,20 @@ def test_merge_with_the_base_itself_is_rejected(tmp_path):
     assert log.calls[1]["parsed"] is None and log.calls[2]["parsed"] is None
 
 
-def test_controller_errors_are_recorded_and_answered_by_the_fallback(tmp_path):
-    record, log, _ = run([ConnectionError("refused"), ConnectionError("refused"), "[[1, 1, 1]]"], tmp_path=tmp_path)
-    assert record["fallback"]["type_selection"] is True
-    assert log.calls[0]["error"].startswith("ConnectionError")
+def test_an_unavailable_controller_is_answered_by_the_fallback_a_refusal_fails_the_step(tmp_path):
+    # Transient errors past the backoff: recorded, and the seeded fallback answers the type question.
+    down = ControllerUnavailable(5, ["APIConnectionError: Connection error."])
+    record, log, _ = run([down, down, "[[3, 2]]"], tmp_path=tmp_path)  # [[3, 2]] is valid for sft and ties alike
+    assert record["fallback"] == {"type_selection": True, "object_selection": False}
+    assert [c["error"] for c in log.calls[:2]] == ["ControllerUnavailable: no reply after 5 attempt(s); last error: "
+                                                   "APIConnectionError: Connection error."] * 2
+    assert log.calls[2]["error"] is None and log.calls[2]["parsed"] is not None
+    assert (log.totals()["questions"], log.totals()["fallbacks"]) == (2, 1)
+    assert record["calls"]["questions"] == 2 and record["calls"]["fallbacks"] == 1
+    # A refused request (wrong key, model, parameter) or any other error is not random search: it fails.
+    for error in (ControllerRejected("the controller endpoint refused the request (HTTP 404)"), ConnectionError("x")):
+        with pytest.raises(type(error)):
+            run([error, "1", "[[3, 2]]"], tmp_path=tmp_path)
 
 
 def test_a_known_recipe_is_flagged_as_a_repeat(tmp_path):
