@@ -29,10 +29,28 @@ def test_test_split_reports_ood_apart_from_s_multi():
     assert result["s_multi"] == pytest.approx(0.4)
 
 
-def test_real_lm_eval_tasks_are_named_in_config():
-    task = {"task": "gsm8k", "lm_eval_task": {"val": "gsm8k_val", "test": "gsm8k"}}
-    assert lm_eval_tasks(task, "val") == {"gsm8k": "gsm8k_val"}
-    assert lm_eval_tasks(task, "test") == {"gsm8k": "gsm8k"}
+def test_lm_eval_task_names_are_tasks_that_exist():
+    """The embedded tasks' names are the YAMLs the project ships; a real benchmark's (the GSM8k example)
+    are lm-eval's own."""
+    from pathlib import Path
+
+    import lm_eval
+    import yaml
+
+    from lamdagent.evaluate import own_task_names
+
+    arith = {"task": "arith", "metric": "exact_match"}
+    assert lm_eval_tasks(arith, "val") == {"arith": "lamdagent_arith_val"}
+    assert lm_eval_tasks(arith, "test") == {"arith": "lamdagent_arith_test", "arith_ood": "lamdagent_arith_ood"}
+    assert set(lm_eval_tasks(arith, "val").values()) | set(lm_eval_tasks(arith, "test").values()) <= own_task_names()
+
+    example = Path(__file__).resolve().parent.parent / "config" / "examples" / "gemma2-gsm8k.yaml"
+    (gsm8k,) = [t for t in yaml.safe_load(example.read_text())["eval_tasks"] if "lm_eval_task" in t]
+    names = set(lm_eval_tasks(gsm8k, "val").values()) | set(lm_eval_tasks(gsm8k, "test").values())
+    assert names == {"gsm8k"}
+    shipped = {line.split(":", 1)[1].strip() for path in (Path(lm_eval.__file__).parent / "tasks" / "gsm8k").glob("*.yaml")
+               for line in path.read_text().splitlines() if line.startswith("task:")}
+    assert names <= shipped
 
 
 def test_scoring_spec_is_what_the_score_depends_on():
