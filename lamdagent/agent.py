@@ -1,8 +1,9 @@
 """The agent's selection step: enumerate the actions, pick the action type, then the objects.
 
 Each controller call is recorded (prompt, raw reply, parsed choice, tokens, latency). An unparsable
-reply is asked again ``retries`` times, then replaced by a seeded random valid choice, and the
-fallback is counted in the proposal. With ``proposals_per_iteration`` k > 1, :func:`propose_many`
+reply, or a call that found the endpoint unavailable past its backoff, is asked again ``retries``
+times, then replaced by a seeded random valid choice, and the fallback is counted in the proposal;
+a refused request (wrong key, model or parameter) fails the step instead. With ``proposals_per_iteration`` k > 1, :func:`propose_many`
 makes k such choices, each excluding what the iteration chose already and what was built before.
 """
 
