@@ -359,8 +359,9 @@ def check(config: dict, workdir: Path) -> None:
         raise ConfigError("controller.model", f"required for controller type {controller['type']!r}")
     if controller["type"] == "openai" and not controller.get("api_key_env"):
         raise ConfigError("controller.api_key_env", "required for the openai controller (the env var holding the key)")
-    if "api_key_env" in controller and not is_variable_name(controller["api_key_env"]):
-        raise ConfigError("controller.api_key_env", _API_KEY_ENV_PROBLEM)
+    for key, section in (("controller", controller), ("evaluation.judge", config["evaluation"].get("judge") or {})):
+        if "api_key_env" in section and not is_variable_name(section["api_key_env"]):
+            raise ConfigError(f"{key}.api_key_env", _API_KEY_ENV_PROBLEM)
     if controller["type"] == "transformers":
         model = controller["model"]
         if model not in config["models"] and not (workdir / model / "config.json").is_file():

@@ -252,6 +252,12 @@ def test_an_api_key_pasted_as_api_key_env_is_never_echoed(default_config, key):
     message = str(err.value)
     assert message.startswith("config: controller.api_key_env: give the NAME of the environment variable"), message
     assert key not in message and key[:8] not in message
+    # The judge's key variable too.
+    config = copy.deepcopy(default_config)
+    config["evaluation"] = {"judge": {"model": "gpt-4o", "api_key_env": key}}
+    with pytest.raises(ConfigError) as err:
+        load(config, REPO)
+    assert str(err.value).startswith("config: evaluation.judge.api_key_env: give the NAME") and key not in str(err.value)
 
 
 def _config_paths(node, path=()):
