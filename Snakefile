@@ -1,8 +1,19 @@
 # LaMDAgent: an LLM agent that explores post-training pipelines (arXiv 2505.21963).
 # config -> plan (agent steps) -> targets (models, evaluations) -> scores -> agent, every step a file.
+import os
+
 from snakemake.utils import min_version, validate
 
+import lamdagent.config
+
 min_version("9.0")
+
+# Snakemake's message for a config file it cannot parse names neither the file nor the line.
+if os.path.exists("config/config.yaml"):
+    try:
+        lamdagent.config.read_config_file("config/config.yaml")
+    except lamdagent.config.ConfigError as err:
+        raise WorkflowError(str(err)) from None
 
 
 configfile: "config/config.yaml"

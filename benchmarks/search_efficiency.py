@@ -132,6 +132,8 @@ def controller_spec(name: str, base: dict, tiny: bool) -> dict:
         spec = dict(base) if base.get("type") == "transformers" else {"type": "transformers", "model": "smollm2"}
         if tiny:
             spec["model"] = "tiny"
+        # This study measures the controller, fallbacks included (it counts them): the run must not stop on them.
+        spec["max_fallback_rate"] = 1
         return spec
     raise SystemExit(f"controller {name!r}: this script runs 'random' and 'transformers' (openai needs an endpoint)")
 

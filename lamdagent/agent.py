@@ -1,8 +1,9 @@
 """The agent's selection step: enumerate the actions, pick the action type, then the objects.
 
 Each controller call is recorded (prompt, raw reply, parsed choice, tokens, latency). An unparsable
-reply is asked again ``retries`` times, then replaced by a seeded random valid choice, and the
-fallback is counted in the proposal. With ``proposals_per_iteration`` k > 1, :func:`propose_many`
+reply, or a call that found the endpoint unavailable past its backoff, is asked again ``retries``
+times, then replaced by a seeded random valid choice, and the fallback is counted in the proposal;
+a refused request (wrong key, model or parameter) fails the step instead. With ``proposals_per_iteration`` k > 1, :func:`propose_many`
 makes k such choices, each excluding what the iteration chose already and what was built before.
 """
 
@@ -14,8 +15,8 @@ from dataclasses import dataclass, field
 
 from . import prompts
 from .actions import ACTIONS, enumerate_actions, is_valid_combination
+from .controller import ControllerUnavailable, json_schema_format
 from .objects import Pool, made_name, recipe_for
-from .controller import json_schema_format
 from .parsing import parse_choice, parse_json_numbers, parse_objects
 from .recipe import RecipeStore, model_id, pipeline_text
 
@@ -51,7 +52,9 @@ class CallLog:
         try:
             completion = controller.complete(prompt, max_tokens=max_tokens, stop=stop, prefix=prefix,
                                              **({"response_format": response_format} if response_format else {}))
-        except Exception as err:  # noqa: BLE001 - a failed call is recorded and answered by the fallback
+        except ControllerUnavailable as err:  # transient errors outlasted the backoff: recorded, the fallback answers
+            # Anything else (a refused key, model or parameter: ControllerRejected) fails the job: a
+            # run must not turn into random search without a word.
             record["error"] = f"{type(err).__name__}: {err}"
             record["latency_s"] = time.perf_counter() - started
             self.calls.append(record)
@@ -91,13 +94,22 @@ class CallLog:
         return best
 
     def totals(self, since: int = 0) -> dict:
-        """Calls, tokens and latency of the calls from number ``since`` on (all by default)."""
+        """Calls, tokens and latency of the calls from number ``since`` on (all by default), and the
+        questions they asked (a question: its first call and the retries after it) with how many of
+        them no reply answered (``fallbacks``: the seeded random choice or summary memory took over)."""
         calls = self.calls[since:]
+        answered: list[bool] = []
+        for call in calls:
+            if call["attempt"] == 0 or not answered:
+                answered.append(False)
+            answered[-1] = answered[-1] or call["parsed"] is not None
         return {
             "calls": len(calls),
             "tokens_in": sum(c["tokens_in"] for c in calls),
             "tokens_out": sum(c["tokens_out"] for c in calls),
             "latency_s": round(sum(c["latency_s"] for c in calls), 4),
+            "questions": len(answered),
+            "fallbacks": answered.count(False),
         }
 
 

@@ -138,6 +138,26 @@ def status(workdir: Path, configfiles: list[Path] | None, *, as_json: bool) -> i
     return 0
 
 
+def check_config(configfiles: list[Path], directory: Path) -> int:
+    """Check the config as a run in ``directory`` would read it (its config/config.yaml, then each
+    --configfile over it), with no job started. Snakemake reports a YAML syntax error in a
+    --configfile without file or line; this names both."""
+    from . import config as cfg
+
+    default = directory / "config" / "config.yaml"
+    files = ([default] if default.is_file() else []) + list(configfiles)
+    merged: dict = {}
+    try:
+        for path in files:
+            merged = cfg._merge_defaults(cfg.read_config_file(path), merged)  # a later file wins, as in Snakemake
+        cfg.load(merged, workdir=directory)
+    except cfg.ConfigError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"config OK: {', '.join(map(str, files))}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lamdagent")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--configfile", nargs="+", type=Path,
                        help="the config(s) the run was given (default config/config.yaml)")
     where.add_argument("--json", action="store_true", help="print the status as JSON, for scripts")
+    check = sub.add_parser("check-config", help="check config files (syntax, schema, references) before a run")
+    check.add_argument("configfiles", nargs="*", type=Path, help="the files given to snakemake --configfile")
+    check.add_argument("--directory", default=".", type=Path)
     args = parser.parse_args(argv)
     if args.command == "unlock-stale":
         return unlock_stale(args.directory)
@@ -164,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         return status(args.directory, args.configfile, as_json=args.json)
     if args.command == "rebuild":
         return rebuild(args.model_dir, args.results)
+    if args.command == "check-config":
+        return check_config(args.configfiles, args.directory)
     return 2
 
 

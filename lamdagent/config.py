@@ -17,6 +17,7 @@ import yaml
 
 from . import custom
 from .actions import ACTIONS, BUILTIN_ACTIONS, SLOT_KINDS, action_prefixes, count_actions, register_custom_actions
+from .redact import is_variable_name, redact
 from .tasks import PREFERENCE_TASKS, TASKS
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
@@ -32,6 +33,11 @@ DEFAULTS: dict[str, Any] = {
         "temperature": 0.0,
         "timeout_s": 120.0,
         "retries": 1,
+        # Past this share of questions answered by the seeded random fallback (after fallback_rate_after
+        # questions), the run stops: it would be random search.
+        "max_fallback_rate": 0.5,
+        "fallback_rate_after": 4,
+        "max_tokens_param": "max_tokens",
         "backoff": {"attempts": 5, "initial_s": 1.0, "max_s": 30.0, "multiplier": 2.0},
         "max_tokens": {"type_selection": 48, "object_selection": 24, "memory_update": 160},
         "stop": ["\n"],
@@ -79,8 +85,9 @@ class ConfigError(ValueError):
     """A config problem, phrased as ``config: <key>: <what is wrong>``."""
 
     def __init__(self, key: str, problem: str):
-        super().__init__(f"config: {key}: {problem}")
-        self.key = key
+        # Whatever a message quotes, a key pasted into the config is masked (it may reach a cluster log).
+        super().__init__(redact(f"config: {key}: {problem}"))
+        self.key = redact(key)
 
 
 def _merge_defaults(config: dict, defaults: dict) -> dict:
@@ -100,6 +107,27 @@ def _key_path(path) -> str:
     return text or "(top level)"
 
 
+_API_KEY_ENV_PROBLEM = ("give the NAME of the environment variable that holds the API key (e.g. OPENAI_API_KEY), "
+                        "never the key itself; the value is not shown")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML config file as a dict; a syntax error names the file, line and column.
+
+    Snakemake's own message for a config file it cannot parse names neither.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle) or {}
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = " ".join(part for part in (err.context, err.problem) if part)
+        raise ConfigError(where, f"YAML syntax error: {problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), f"YAML error: {err}") from None
+
+
 def schema() -> dict:
     with open(SCHEMA_PATH, encoding="utf-8") as handle:
         return yaml.safe_load(handle)
@@ -111,7 +139,9 @@ def _schema_check(config: dict) -> None:
     if errors:
         error = errors[0]
         key = _key_path(error.absolute_path)
-        if error.validator == "additionalProperties":
+        if error.absolute_path and error.absolute_path[-1] == "api_key_env":
+            message = _API_KEY_ENV_PROBLEM  # never the value: it is often the key itself
+        elif error.validator == "additionalProperties":
             message = error.message.replace("Additional properties are not allowed", "unknown key")
         elif error.validator == "required":
             missing = error.message.split("'")[1] if "'" in error.message else error.message
@@ -342,6 +372,9 @@ def check(config: dict, workdir: Path) -> None:
         raise ConfigError("controller.model", f"required for controller type {controller['type']!r}")
     if controller["type"] == "openai" and not controller.get("api_key_env"):
         raise ConfigError("controller.api_key_env", "required for the openai controller (the env var holding the key)")
+    for key, section in (("controller", controller), ("evaluation.judge", config["evaluation"].get("judge") or {})):
+        if "api_key_env" in section and not is_variable_name(section["api_key_env"]):
+            raise ConfigError(f"{key}.api_key_env", _API_KEY_ENV_PROBLEM)
     if controller["type"] == "transformers":
         model = controller["model"]
         if model not in config["models"] and not (workdir / model / "config.json").is_file():

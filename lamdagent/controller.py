@@ -8,14 +8,22 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 import time
 from dataclasses import dataclass, field
 
+from .redact import redact
+
 
 class ControllerError(RuntimeError):
     pass
+
+
+class ControllerRejected(ControllerError):
+    """The endpoint refused a request for a reason a retry cannot heal (a wrong key, model name or
+    parameter): the job fails with the server's message instead of the run turning into random search."""
 
 
 class ControllerUnavailable(ControllerError):
@@ -70,13 +78,14 @@ class Backoff:
 
 
 def is_transient(err: BaseException) -> bool:
-    """Worth retrying: time-outs, refused or dropped connections, 429 and 5xx. Other 4xx will not heal."""
+    """Worth retrying: time-outs, refused or dropped connections, 408, 409, 429 and 5xx (the statuses the
+    openai client itself retries). Other 4xx will not heal."""
     import openai
 
     if isinstance(err, openai.APIConnectionError):  # APITimeoutError is a subclass
         return True
     if isinstance(err, openai.APIStatusError):
-        return err.status_code == 429 or err.status_code >= 500
+        return err.status_code in (408, 409, 429) or err.status_code >= 500
     return False
 
 
@@ -100,6 +109,38 @@ def json_schema_format(name: str, properties: dict[str, list[int]]) -> dict:
         "properties": {key: {"type": "integer", "enum": values} for key, values in properties.items()}}}}
 
 
+def server_message(err: BaseException, limit: int = 500) -> str:
+    """What the server said: OpenAI's ``error.message``, FastAPI's ``detail`` (vLLM, transformers serve), or the text."""
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        said = body.get("message") or body.get("detail") or body
+        text = said if isinstance(said, str) else json.dumps(said)
+    elif isinstance(body, str) and body:
+        text = body
+    else:
+        text = str(err)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def names_parameter(err: BaseException, name: str) -> bool:
+    """The server's 400 rejects request parameter ``name`` (OpenAI sets ``param``; others only say it)."""
+    return getattr(err, "param", None) == name or f"'{name}'" in server_message(err) or f"`{name}`" in server_message(err)
+
+
+# What to change in config after a refusal, per HTTP status.
+_REFUSAL_HINTS = {
+    401: "the key was refused: check the variable controller.api_key_env names",
+    403: "the key may not use this model or endpoint",
+    404: "check controller.model and controller.base_url",
+}
+# Parameters reasoning models reject, and the config that stops sending them.
+_PARAMETER_HINTS = {
+    "temperature": "this model takes no temperature (reasoning models accept only their default): "
+                   "set controller.temperature: null to send none",
+    "stop": "this model takes no stop sequences: set controller.stop: [] to send none",
+}
+
+
 def _retry_after(err: BaseException) -> float | None:
     response = getattr(err, "response", None)
     value = response.headers.get("retry-after") if response is not None else None
@@ -120,20 +161,26 @@ def cut_at_stop(text: str, stop: list[str] | None) -> str:
 class OpenAIController:
     kind = "openai"
 
-    def __init__(self, *, model: str, api_key_env: str, base_url: str | None = None, temperature: float = 0.0,
-                 timeout_s: float = 120.0, backoff: dict | None = None, seed: int = 0, structured: str = "auto"):
+    def __init__(self, *, model: str, api_key_env: str, base_url: str | None = None,
+                 temperature: float | None = 0.0, timeout_s: float = 120.0, backoff: dict | None = None,
+                 max_tokens_param: str = "max_tokens", seed: int = 0, structured: str = "auto"):
         import openai
 
         from .config import DEFAULTS
 
         api_key = os.environ.get(api_key_env)
         if not api_key:
-            raise ControllerError(f"environment variable {api_key_env} (controller.api_key_env) is not set")
-        # The key lives only in this client object: it is never logged, recorded or written.
+            raise ControllerError(f"environment variable {redact(api_key_env)} (controller.api_key_env) is not set")
+        # The key lives only in this client object: it is never logged, recorded or written, and it is
+        # masked in every error message (servers echo keys in their 401 bodies).
         # max_retries=0: the client's own retries would multiply with ours; one policy, one count.
         self._client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=0)
         self.model = model
-        self.temperature = temperature
+        self.base_url = base_url
+        self.api_key_env = api_key_env
+        self.temperature = temperature  # None: not sent (reasoning models reject any but their default)
+        # Reasoning models take max_completion_tokens and reject max_tokens; a 400 saying so switches.
+        self.max_tokens_param = max_tokens_param
         self.backoff = Backoff(**{**DEFAULTS["controller"]["backoff"], **(backoff or {})})
         self._rng = random.Random(f"{seed}:backoff")  # seeded jitter: a rerun waits the same
         # Closed-set answers as JSON-schema structured output (controller.structured); `auto` turns it
@@ -141,6 +188,30 @@ class OpenAIController:
         self.structured = structured
         self.schema_ok = structured != "text"
         self.structured_note: str | None = None  # why it was turned off (the agent records it once)
+
+    def _describe(self, err: BaseException) -> str:
+        """``Type: message`` of a failed attempt, the server's own words, the key masked."""
+        return redact(f"{type(err).__name__}: {server_message(err)}", (self._client.api_key,))
+
+    def _rejected(self, err: BaseException) -> ControllerRejected:
+        status = getattr(err, "status_code", None)
+        hint = next((h for p, h in _PARAMETER_HINTS.items() if status in (400, 422) and names_parameter(err, p)),
+                    _REFUSAL_HINTS.get(status, "not retried: a retry cannot change the answer"))
+        where = f" at {self.base_url}" if self.base_url else ""
+        return ControllerRejected(redact(
+            f"the controller endpoint{where} refused the request for model {self.model!r}"
+            f"{f' (HTTP {status})' if status else ''}: {self._describe(err)}; {hint}", (self._client.api_key,)))
+
+    def _request(self, prompt: str, max_tokens: int, stop: list[str] | None, response_format: dict | None):
+        params = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                  self.max_tokens_param: max_tokens}
+        if self.temperature is not None:
+            params["temperature"] = self.temperature
+        if stop:
+            params["stop"] = stop
+        if response_format:
+            params["response_format"] = response_format
+        return self._client.chat.completions.create(**params)
 
     def complete(self, prompt: str, *, max_tokens: int, stop: list[str] | None = None,
                  prefix: str | None = None, response_format: dict | None = None) -> Completion:
@@ -153,25 +224,27 @@ class OpenAIController:
             response_format = None
         errors: list[str] = []
         started = time.perf_counter()  # latency counts the retries and waits: the time the agent waited
+        import openai
+
         for attempt in range(1, self.backoff.attempts + 1):
             try:
-                response = self._client.chat.completions.create(
-                    model=self.model,
-                    messages=[{"role": "user", "content": prompt}],
-                    max_tokens=max_tokens,
-                    temperature=self.temperature,
-                    stop=stop or None,
-                    **({"response_format": response_format} if response_format else {}),
-                )
+                try:
+                    response = self._request(prompt, max_tokens, stop, response_format)
+                except openai.BadRequestError as err:
+                    if self.max_tokens_param != "max_tokens" or not names_parameter(err, "max_tokens"):
+                        raise
+                    self.max_tokens_param = "max_completion_tokens"  # for this and every later call
+                    response = self._request(prompt, max_tokens, stop, response_format)
             except Exception as err:
                 if response_format and self.structured == "auto" and schema_unsupported(err):
-                    self.schema_ok, self.structured_note = False, f"{type(err).__name__}: {err}"
+                    self.schema_ok, self.structured_note = False, self._describe(err)
                     return self.complete(prompt, max_tokens=max_tokens, stop=stop, prefix=prefix)
                 if not is_transient(err):
-                    raise
-                errors.append(f"{type(err).__name__}: {err}")
+                    # from None: the openai error's own text is not shown unmasked in the traceback.
+                    raise self._rejected(err) from None
+                errors.append(self._describe(err))
                 if attempt == self.backoff.attempts:
-                    raise ControllerUnavailable(attempt, errors) from err
+                    raise ControllerUnavailable(attempt, errors) from None
                 time.sleep(self.backoff.delay(attempt, self._rng, _retry_after(err)))
                 continue
             return self._completion(response, stop, time.perf_counter() - started, attempt, errors)
@@ -297,10 +370,11 @@ def make_controller(controller_config: dict, *, model_dir: str | None = None, se
             temperature=controller_config.get("temperature", 0.0),
             timeout_s=controller_config.get("timeout_s", 120.0),
             backoff=controller_config.get("backoff"),
+            max_tokens_param=controller_config.get("max_tokens_param", "max_tokens"),
             seed=seed,
             structured=controller_config.get("structured", "auto"),
         )
     if kind == "transformers":
         return TransformersController(model_dir=model_dir or controller_config["model"],
-                                      temperature=controller_config.get("temperature", 0.0), seed=seed)
+                                      temperature=controller_config.get("temperature") or 0.0, seed=seed)
     raise ControllerError(f"unknown controller type {kind!r}")

@@ -455,6 +455,7 @@ def initial_step(smk):
 
 def propose(smk):
     from .agent import CallLog, propose_many
+    from .fallbacks import check_fallback_rate
     from .plan import iteration_record, write_plan
     from .recipe import RecipeStore
 
@@ -468,6 +469,8 @@ def propose(smk):
                                controller=_controller(smk), store=RecipeStore("results/recipes"), log=log)
         for record in records:
             record["status"] = "proposed"
+        # Before anything is written: a run that mostly falls back stops here, not N iterations later.
+        check_fallback_rate(smk.config, history + records, log.calls)
         write_jsonl(smk.output.calls, log.calls)
         atomic_write_json(smk.output.proposal, iteration_record(iteration, records, k))
         write_plan("results/agent", "results/plan.yaml")
@@ -477,6 +480,7 @@ def propose(smk):
 
 def update_memory(smk):
     from .agent import CallLog
+    from .fallbacks import check_fallback_rate
     from .memory import update_memory as run_update
     from .plan import iteration_record, step_entries, write_plan
     from .prune import prune_after_step
@@ -496,6 +500,7 @@ def update_memory(smk):
                                           new=records[0] if k == 1 else records, controller=_controller(smk), log=log)
         for record in records:
             record["fallback"]["memory_update"] = fallback
+        check_fallback_rate(smk.config, history + records, log.calls)
         write_jsonl(smk.output.calls, log.calls)
         atomic_write_text(smk.output.memory, new_memory.strip() + "\n")
         # Before the step is written: the next proposal sees only what is left.

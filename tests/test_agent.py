@@ -1,12 +1,15 @@
 """The selection logic with a scripted controller (the real LLMs are in the end-to-end tests)."""
 
+import re
+
 import pytest
 
-from lamdagent.agent import CallLog, propose
-from lamdagent.controller import Completion
+from lamdagent.agent import CallLog, action_space, propose, seeded_rng
+from lamdagent.controller import Completion, ControllerRejected, ControllerUnavailable
 from lamdagent.memory import update_memory
-from lamdagent.objects import Pool
-from lamdagent.prompts import object_selection, type_selection
+from lamdagent.objects import Pool, recipe_for
+from lamdagent.parsing import parse_choice, parse_objects
+from lamdagent.prompts import memory_update, object_selection, type_selection
 from lamdagent.recipe import RecipeStore, make_recipe, model_id
 
 
@@ -112,10 +115,20 @@ def test_merge_with_the_base_itself_is_rejected(tmp_path):
     assert log.calls[1]["parsed"] is None and log.calls[2]["parsed"] is None
 
 
-def test_controller_errors_are_recorded_and_answered_by_the_fallback(tmp_path):
-    record, log, _ = run([ConnectionError("refused"), ConnectionError("refused"), "[[1, 1, 1]]"], tmp_path=tmp_path)
-    assert record["fallback"]["type_selection"] is True
-    assert log.calls[0]["error"].startswith("ConnectionError")
+def test_an_unavailable_controller_is_answered_by_the_fallback_a_refusal_fails_the_step(tmp_path):
+    # Transient errors past the backoff: recorded, and the seeded fallback answers the type question.
+    down = ControllerUnavailable(5, ["APIConnectionError: Connection error."])
+    record, log, _ = run([down, down, "[[3, 2]]"], tmp_path=tmp_path)  # [[3, 2]] is valid for sft and ties alike
+    assert record["fallback"] == {"type_selection": True, "object_selection": False}
+    assert [c["error"] for c in log.calls[:2]] == ["ControllerUnavailable: no reply after 5 attempt(s); last error: "
+                                                   "APIConnectionError: Connection error."] * 2
+    assert log.calls[2]["error"] is None and log.calls[2]["parsed"] is not None
+    assert (log.totals()["questions"], log.totals()["fallbacks"]) == (2, 1)
+    assert record["calls"]["questions"] == 2 and record["calls"]["fallbacks"] == 1
+    # A refused request (wrong key, model, parameter) or any other error is not random search: it fails.
+    for error in (ControllerRejected("the controller endpoint refused the request (HTTP 404)"), ConnectionError("x")):
+        with pytest.raises(type(error)):
+            run([error, "1", "[[3, 2]]"], tmp_path=tmp_path)
 
 
 def test_a_known_recipe_is_flagged_as_a_repeat(tmp_path):
@@ -139,14 +152,37 @@ def test_random_controller_is_seeded_and_uniform_over_actions(tmp_path):
     assert seen == {"sft", "ties_merging"}
 
 
-def test_prompts_follow_the_paper_template():
-    prompt = type_selection(eval_tasks=config()["eval_tasks"], memory="m", history=HISTORY,
-                            action_types=["sft", "ties_merging"], counts={"sft": 4, "ties_merging": 1})
-    assert "1. sft" in prompt and "2. ties_merging" in prompt
-    assert "Keep exploring" in prompt and prompt.rstrip().endswith("at the end.")
-    objects = object_selection(action="sft", slots=[("the model", ["a", "b"]), ("the dataset", ["x"])], memory="m")
-    assert "as promising as the initial ones" in objects
-    assert "[[a, b]]" in objects  # a neutral example: letters, not indices a small model would copy
+def test_prompts_are_the_papers_g_type_and_g_obj():
+    """The paper's two-step selection (arXiv 2505.21963, section 3): a_type = Agent(g_type(m, l_type)),
+    a_obj = Agent(g_obj(m, l_obj, a_type)); the memory then rewritten from m and the new result."""
+    memory = "SFT on arith lifted arith; merging is untried."
+    prompt = type_selection(eval_tasks=config()["eval_tasks"], memory=memory, history=HISTORY,
+                            action_types=["ties_merging", "sft"], counts={"sft": 4, "ties_merging": 1})
+    assert f"Your memory:\n{memory}\n" in prompt  # m
+    # l_type, numbered in the order the reply's number is read against, each with its choices.
+    assert re.findall(r"^(\d+)\. (\w+): .* \((\d+) possible choices\)$", prompt, re.M) == [
+        ("1", "ties_merging", "1"), ("2", "sft", "4")]
+    assert "arith (exact_match)" in prompt and "- base: score 0.100 (arith 0.10)" in prompt  # the goal, the results
+    assert prompt.rstrip().endswith("provide the number of the action you choose at the end.")
+    assert parse_choice("Merging is untried, so 1", 2) == 0  # what it asks for is what is parsed
+
+    objects = object_selection(action="sft", slots=[("the model", ["base", "sft(base, arith)"]),
+                                                    ("the dataset", ["arith", "all"])], memory=memory)
+    assert objects.startswith("You chose the action sft: ")  # a_type
+    assert f"Your memory:\n{memory}" in objects  # m
+    slots = re.findall(r"^Slot (\d+), ([^:]+):\n((?:\d+\. .+\n?)+)", objects, re.M)  # l_obj, numbered per slot
+    assert [(n, what, re.findall(r"^\d+\. (.+)$", listed, re.M)) for n, what, listed in slots] == [
+        ("1", "the model", ["base", "sft(base, arith)"]), ("2", "the dataset", ["arith", "all"])]
+    assert "Models generated in earlier iterations are as promising as the initial ones." in objects
+    assert objects.rstrip().endswith("in double square brackets, like [[a, b]].")  # letters: nothing to copy
+    assert parse_objects("I take [[2, 1]]", [2, 2]) == [1, 0]
+
+    new = {"iteration": 1, "model": "sft-x", "pipeline": "sft(base, all)", "status": "done",
+           "score": {"s_multi": 0.4, "tasks": {"arith": 0.4}}, "repeat_of": None}
+    rewrite = memory_update(eval_tasks=config()["eval_tasks"], memory=memory, history=HISTORY, new=new, note="",
+                            max_words=30)
+    assert f"Previous memory:\n{memory}" in rewrite and "- sft(base, all): score 0.400 (arith 0.40)" in rewrite
+    assert "at most 30 words" in rewrite
 
 
 def test_slots_with_one_candidate_are_filled_not_asked(tmp_path):
@@ -171,10 +207,22 @@ def test_memory_update_uses_the_reply_or_counts_the_fallback():
     assert "repeated the recipe of iteration 1" in controller.prompts[0]
 
 
-@pytest.mark.parametrize("reply", ["", "1", "[[1]]", "nonsense", "[[2, 1, 1]]"])
-def test_any_reply_gives_a_valid_action(tmp_path, reply):
-    record, _, _ = run([reply] * 4, tmp_path=tmp_path)
-    assert record["action"] in {"sft", "ties_merging"}
+@pytest.mark.parametrize("reply,type_parsed", [("", False), ("1", True), ("[[1]]", True), ("nonsense", False),
+                                               ("[[2, 1, 1]]", True)])
+def test_any_reply_gives_a_valid_action_the_unusable_ones_the_seeded_draw(tmp_path, reply, type_parsed):
+    record, log, _ = run([reply] * 4, tmp_path=tmp_path)
+    # None of these names two objects: the objects are always the seeded draw; the type is read where
+    # the reply holds a number in range (1: sft), else drawn too.
+    assert record["fallback"] == {"type_selection": not type_parsed, "object_selection": True}
+    space = action_space(config(), pool())
+    action = record["action"]
+    if type_parsed:
+        assert action == "sft"
+    else:
+        assert action == list(space)[seeded_rng(7, 1, "type").randrange(len(space))]
+    combo = seeded_rng(7, 1, f"objects:{action}").choice(space[action])
+    assert record["model"] == model_id(recipe_for(config(), pool().datasets, action, combo))
+    assert [c["kind"] for c in log.calls] == ["type_selection"] * (1 if type_parsed else 2) + ["object_selection"] * 2
 
 
 def test_retry_adds_a_reminder_and_starts_the_reply_with_the_answer_format(tmp_path):

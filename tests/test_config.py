@@ -246,3 +246,122 @@ def test_zero_iterations_is_valid_after_defaults(default_config):
     assert config["baselines"]["random"]["iterations"] == 0
     schema = yaml.safe_load((REPO / "lamdagent" / "schemas" / "config.schema.yaml").read_text())
     jsonschema.validate(config, schema)
+
+
+# ---- secrets and syntax errors in messages ------------------------------------------------------
+
+PASTED_KEYS = ["sk-proj-7Hq2Xw9LmB4vR8tN1cY6pK3s", "hf_QmZ8tR2vX5nL9wK4cB7yP1sD6", "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+               "Zq9XbT2mLw8RkV4sNp7YcH3jAe5"]
+
+
+@pytest.mark.parametrize("key", PASTED_KEYS)
+def test_an_api_key_pasted_as_api_key_env_is_never_echoed(default_config, key):
+    config = copy.deepcopy(default_config)
+    config["controller"] = {"type": "openai", "model": "gpt-4o", "api_key_env": key}
+    with pytest.raises(ConfigError) as err:
+        load(config, REPO)
+    message = str(err.value)
+    assert message.startswith("config: controller.api_key_env: give the NAME of the environment variable"), message
+    assert key not in message and key[:8] not in message
+    # The judge's key variable too.
+    config = copy.deepcopy(default_config)
+    config["evaluation"] = {"judge": {"model": "gpt-4o", "api_key_env": key}}
+    with pytest.raises(ConfigError) as err:
+        load(config, REPO)
+    assert str(err.value).startswith("config: evaluation.judge.api_key_env: give the NAME") and key not in str(err.value)
+
+
+def _config_paths(node, path=()):
+    yield path
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        yield from _config_paths(child, path + (key,))
+
+
+def _schema_paths(node, path=()):
+    for name, child in (node.get("properties") or {}).items():
+        yield path + (name,)
+        yield from _schema_paths(child, path + (name,))
+
+
+def test_no_config_error_anywhere_echoes_a_pasted_key(default_config):
+    """A key in place of any value of the default config or any key the schema knows, or as a name."""
+    from lamdagent.config import schema
+
+    key = PASTED_KEYS[0]
+    paths = set(_config_paths(default_config)) | set(_schema_paths(schema()))
+    errors = 0
+    for path in sorted(paths, key=str):
+        if not path:
+            continue
+        config = copy.deepcopy(default_config)
+        node = config
+        for part in path[:-1]:
+            if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = key
+        try:
+            load(config, REPO)
+        except Exception as error:  # noqa: BLE001 - whatever stops the run must not show the key
+            errors += 1
+            assert key not in str(error) and key not in repr(error), (path, str(error))
+    for section in ("models", "datasets", "objects", "action_types"):  # the key as a name
+        config = copy.deepcopy(default_config)
+        config[section][key] = next(iter(config[section].values()))
+        try:
+            load(config, REPO)  # a model may be called so; an object type no action uses may not
+        except ConfigError as error:
+            errors += 1
+            assert key not in str(error), (section, str(error))
+    assert errors > 100  # most places reject a key: the check above ran on real messages
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    from lamdagent.config import read_config_file
+
+    broken = tmp_path / "study.yaml"
+    broken.write_text("iterations: 3\ncontroller:\n  type: random\n   model: x\n")
+    with pytest.raises(ConfigError) as err:
+        read_config_file(broken)
+    assert str(err.value) == f"config: {broken}:4:9: YAML syntax error: mapping values are not allowed here"
+    unclosed = tmp_path / "unclosed.yaml"
+    unclosed.write_text("iterations: 3\nobjects:\n  sft_lr: [1.0e-5, 2.0e-5\nseed: 1\n")
+    with pytest.raises(ConfigError, match=rf"^config: {unclosed}:\d+:\d+: YAML syntax error: while parsing a flow "):
+        read_config_file(unclosed)
+
+
+def test_the_workflow_and_check_config_name_the_broken_file_and_line(tmp_path, default_config):
+    """Before any job: the workflow's own config/config.yaml when Snakemake parses the Snakefile, and
+    `lamdagent check-config` for a --configfile (Snakemake reads those itself, naming neither)."""
+    import subprocess
+    import sys
+
+    from e2e import SNAKEMAKE, subprocess_env
+
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("iterations: 3\ncontroller:\n  type: random\n   model: x\n")
+    dry = subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "-n"], cwd=tmp_path, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert dry.returncode != 0
+    assert "config: config/config.yaml:4:9: YAML syntax error: mapping values are not allowed here" in dry.stderr + dry.stdout
+
+    lamdagent = [sys.executable, "-m", "lamdagent.cli", "check-config"]
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(default_config, sort_keys=False) + "controller:\n\ttype: random\n")
+    checked = subprocess.run([*lamdagent, str(study), "--directory", str(REPO)], capture_output=True, text=True,
+                             env=subprocess_env(), timeout=120)
+    line = len(study.read_text().splitlines())
+    assert checked.returncode == 1 and checked.stderr.startswith(f"config: {study}:{line}:1: YAML syntax error"), \
+        checked.stderr
+    # A readable file gets the full check, the key masked as in the workflow.
+    study.write_text(yaml.safe_dump({**default_config, "controller": {"type": "openai", "model": "gpt-4o",
+                                                                      "api_key_env": PASTED_KEYS[0]}}))
+    checked = subprocess.run([*lamdagent, str(study), "--directory", str(REPO)], capture_output=True, text=True,
+                             env=subprocess_env(), timeout=120)
+    assert checked.returncode == 1 and checked.stderr.startswith("config: controller.api_key_env: give the NAME")
+    assert PASTED_KEYS[0] not in checked.stderr
+    study.write_text(yaml.safe_dump(default_config))
+    checked = subprocess.run([*lamdagent, str(study), "--directory", str(REPO)], capture_output=True, text=True,
+                             env=subprocess_env(), timeout=120)
+    assert checked.returncode == 0 and checked.stdout.startswith("config OK"), checked.stderr

@@ -332,7 +332,9 @@ def _kill_first_sft_job(workdir: Path, stop: threading.Event, killed: list) -> N
 def test_a_diverging_action_is_fed_back_and_a_killed_job_is_retried(tmp_path, tiny_model_dir):
     workdir = tmp_path / "run"
     workdir.mkdir()
-    config = tiny_config(tiny_model_dir, iterations=2, controller={"type": "transformers", "model": "tiny"})
+    # max_fallback_rate 1: a random tiny model cannot answer; this test is about the failed actions.
+    config = tiny_config(tiny_model_dir, iterations=2, controller={"type": "transformers", "model": "tiny",
+                                                                   "max_fallback_rate": 1})
     config["objects"]["sft_lr"] = [1.0e10]  # every SFT the agent chooses diverges to a NaN loss
     config["action_types"] = {"sft": config["action_types"]["sft"]}
     del config["models"]["specialist-choice"]  # one specialist is enough here: a minute less

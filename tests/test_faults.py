@@ -31,7 +31,8 @@ from test_workflow import check_plan_agrees_with_results
 
 from lamdagent.actions import enumerate_actions
 from lamdagent.agent import CallLog, propose
-from lamdagent.controller import Backoff, ControllerUnavailable, OpenAIController
+from lamdagent.controller import Backoff, ControllerRejected, ControllerUnavailable, OpenAIController
+from lamdagent.fallbacks import FallbackRateExceeded, check_fallback_rate
 from lamdagent.objects import recipe_for
 from lamdagent.recipe import RecipeStore, model_id
 
@@ -43,14 +44,16 @@ TIMEOUT_S = 5.0  # the client's time-out; a tiny-model reply takes ~0.3 s, leave
 class FaultProxy:
     """Forwards HTTP requests to ``upstream``, but answers the first ones with the scripted faults.
 
-    Faults: an HTTP status ("429", "500", ...), "delay" (no reply until past the client's time-out,
+    Faults: an HTTP status ("429", "500", ...), a status with the error body a real API sends
+    (``("400", {"message": ..., "param": ...})``), "delay" (no reply until past the client's time-out,
     then the connection closes) and "drop" (the connection is reset before any reply).
     """
 
     def __init__(self, upstream_port: int, delay_s: float):
         self.upstream_port, self.delay_s = upstream_port, delay_s
-        self.faults: list[str] = []
-        self.seen: list[str] = []  # what each request got: a fault or "forwarded"
+        self.faults: list = []
+        self.seen: list[str] = []  # what each request got: a fault's status or "forwarded"
+        self.requests: list[dict] = []  # the JSON body of each request, as the client sent it
         self.lock = threading.Lock()
         self.released = threading.Event()  # ends pending delays at teardown
         proxy = self
@@ -69,7 +72,9 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with proxy.lock:
                     fault = proxy.faults.pop(0) if proxy.faults else "forwarded"
+                    fault, error = fault if isinstance(fault, tuple) else (fault, None)
                     proxy.seen.append(fault)
+                    proxy.requests.append(json.loads(body) if body else {})
                 if fault == "forwarded":
                     self.forward(body)
                 elif fault == "delay":
@@ -81,8 +86,8 @@ class FaultProxy:
                     self.close_connection = True
                 else:
                     status, _, message = fault.partition(":")  # "400:why" carries the server's message
-                    payload = json.dumps({"error": {"message": message or f"injected {fault}",
-                                                    "type": "injected"}}).encode()
+                    error = error or {"message": message or f"injected {fault}", "type": "injected"}
+                    payload = json.dumps({"error": error}).encode()
                     self.send_response(int(status))
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
@@ -109,10 +114,11 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def inject(self, *faults: str) -> None:
+    def inject(self, *faults) -> None:
         with self.lock:
             self.faults = list(faults)
             self.seen = []
+            self.requests = []
 
     def __enter__(self):
         self.thread.start()
@@ -146,19 +152,20 @@ def api_key(monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-faults-test")
 
 
-def controller(url: str, model_dir, **backoff) -> OpenAIController:
-    return OpenAIController(model=str(model_dir), api_key_env=KEY_ENV, base_url=url, timeout_s=TIMEOUT_S,
-                            backoff={**FAST, **backoff}, seed=0)
+def controller(url: str, model_dir, model: str | None = None, temperature: float | None = 0.0,
+               **backoff) -> OpenAIController:
+    return OpenAIController(model=model or str(model_dir), api_key_env=KEY_ENV, base_url=url, timeout_s=TIMEOUT_S,
+                            temperature=temperature, backoff={**FAST, **backoff}, seed=0)
 
 
-def propose_with(llm, tmp_path) -> tuple[dict, CallLog]:
+def propose_with(llm, tmp_path, iteration: int = 1) -> tuple[dict, CallLog]:
     """The agent's real selection step (test_agent's pool) with ``llm`` as the controller."""
     config = agent_config()
     config["controller"]["type"] = "openai"
     store = RecipeStore(tmp_path)
     specialist(store)
     log = CallLog()
-    record = propose(iteration=1, config=config, pool=pool(), history=[], memory="No results yet.",
+    record = propose(iteration=iteration, config=config, pool=pool(), history=[], memory="No results yet.",
                      controller=llm, store=store, log=log)
     # A valid action: the recipe of one of the enumerated combinations, saved for the workflow.
     space = enumerate_actions(config["action_types"], pool().candidates)
@@ -207,9 +214,97 @@ def test_the_last_failed_attempt_raises_a_clear_error(proxy, tiny_model_dir):
 
 def test_other_client_errors_are_not_retried(proxy, tiny_model_dir):
     proxy.inject("400", "400")
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(ControllerRejected) as refused:
         controller(proxy.url, tiny_model_dir, attempts=5).complete("x", max_tokens=4)
     assert proxy.seen == ["400"]
+    assert "(HTTP 400): BadRequestError: injected 400" in str(refused.value)
+
+
+def test_a_wrong_model_name_fails_the_step_with_the_servers_message(proxy, tiny_model_dir, tmp_path):
+    proxy.inject()
+    llm = controller(proxy.url, tiny_model_dir, model="no-such-model", attempts=5)
+    log = CallLog()
+    with pytest.raises(ControllerRejected) as refused:
+        propose(iteration=1, config=dict(agent_config(), controller={**agent_config()["controller"], "type": "openai"}),
+                pool=pool(), history=[], memory="No results yet.", controller=llm, store=RecipeStore(tmp_path),
+                log=log)
+    message = str(refused.value)
+    assert proxy.seen == ["forwarded"]  # the real server answered, once: no retry, no fallback
+    # transformers serve's own words (a FastAPI `detail`, which the openai client leaves out of its text).
+    assert "refused the request for model 'no-such-model' (HTTP 400)" in message
+    assert f"Server is pinned to '{tiny_model_dir}'; requested 'no-such-model'" in message
+    assert os.environ[KEY_ENV] not in message and not list(tmp_path.glob("*.json"))  # no recipe proposed
+
+
+def test_a_refused_key_is_named_by_its_variable_and_never_echoed(proxy, tiny_model_dir):
+    # OpenAI's 401 quotes the key it was given; the message shown must not.
+    key = os.environ[KEY_ENV]
+    proxy.inject(("401", {"message": f"Incorrect API key provided: {key}. You can find your API key at "
+                                     "https://platform.openai.com/account/api-keys.", "type": "invalid_request_error",
+                          "param": None, "code": "invalid_api_key"}))
+    with pytest.raises(ControllerRejected) as refused:
+        controller(proxy.url, tiny_model_dir, attempts=5).complete("x", max_tokens=4)
+    message = str(refused.value)
+    assert proxy.seen == ["401"] and key not in message and "Incorrect API key provided: <redacted>." in message
+    assert "AuthenticationError" in message and "controller.api_key_env" in message
+
+
+def test_a_reasoning_models_400_on_max_tokens_switches_to_max_completion_tokens(proxy, tiny_model_dir):
+    # OpenAI's reply to max_tokens for o1/o3/gpt-5 models.
+    proxy.inject(("400", {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                                     "'max_completion_tokens' instead.", "type": "invalid_request_error",
+                          "param": "max_tokens", "code": "unsupported_parameter"}))
+    llm = controller(proxy.url, tiny_model_dir, attempts=1)
+    completion = llm.complete("Pick 1 or 2.", max_tokens=3)
+    assert proxy.seen == ["400", "forwarded"] and completion.attempts == 1 and 0 < completion.tokens_out <= 3
+    assert proxy.requests[0]["max_tokens"] == 3 and "max_completion_tokens" not in proxy.requests[0]
+    assert proxy.requests[1]["max_completion_tokens"] == 3 and "max_tokens" not in proxy.requests[1]
+    proxy.inject()
+    llm.complete("Pick 1 or 2.", max_tokens=3)  # the next call asks the right way at once
+    assert proxy.seen == ["forwarded"] and proxy.requests[0]["max_completion_tokens"] == 3
+
+
+def test_a_rejected_temperature_is_named_with_the_config_that_drops_it(proxy, tiny_model_dir):
+    proxy.inject(("400", {"message": "Unsupported value: 'temperature' does not support 0.0 with this model. Only the "
+                                     "default (1) value is supported.", "type": "invalid_request_error",
+                          "param": "temperature", "code": "unsupported_value"}))
+    with pytest.raises(ControllerRejected) as refused:
+        controller(proxy.url, tiny_model_dir, attempts=3).complete("x", max_tokens=4)
+    assert proxy.seen == ["400"] and "set controller.temperature: null to send none" in str(refused.value)
+    # temperature: null and stop: [] send neither; the server answers.
+    proxy.inject()
+    completion = controller(proxy.url, tiny_model_dir, temperature=None, attempts=1).complete("x", max_tokens=4,
+                                                                                              stop=[])
+    assert completion.tokens_in > 0 and not {"temperature", "stop"} & set(proxy.requests[0])
+
+
+def test_a_run_that_mostly_falls_back_stops_with_the_reason(proxy, tiny_model_dir, tmp_path):
+    config = agent_config()
+    config["controller"].update(type="openai", max_fallback_rate=0.5, fallback_rate_after=4)
+    entries = []
+    for iteration in (1, 2):
+        # One attempt per call, two asks per question: every call of the step gets a 503.
+        proxy.inject("503", "503", "503", "503")
+        record, log = propose_with(controller(proxy.url, tiny_model_dir, attempts=1), tmp_path, iteration)
+        assert record["fallback"] == {"type_selection": True, "object_selection": True}
+        assert record["calls"]["questions"] == 2 and record["calls"]["fallbacks"] == 2
+        entries.append(record)
+        if iteration == 1:  # 2 questions: too few to judge
+            assert check_fallback_rate(config, entries, log.calls) == (2, 2)
+    with pytest.raises(FallbackRateExceeded) as stopped:
+        check_fallback_rate(config, entries, log.calls)
+    message = str(stopped.value)
+    assert "4 of the run's 4 questions to the controller (100%) fell back" in message
+    assert "controller.max_fallback_rate (50%)" in message and "InternalServerError: injected 503" in message
+    config["controller"]["max_fallback_rate"] = 1.0  # the check off
+    assert check_fallback_rate(config, entries, log.calls) == (4, 4)
+    # Answered questions dilute the rate: the same two steps and two answered memory rewrites.
+    config["controller"]["max_fallback_rate"] = 0.5
+    remembered = [dict(entry, fallback={**entry["fallback"], "memory_update": False}) for entry in entries]
+    with pytest.raises(FallbackRateExceeded):
+        check_fallback_rate(config, remembered, log.calls)  # 4 of 6
+    answered = remembered + [dict(remembered[0], iteration=3, calls={"questions": 2, "fallbacks": 0})]
+    assert check_fallback_rate(config, answered, log.calls) == (9, 4)  # 4 of 9: below one half
 
 
 def test_more_faults_than_attempts_give_a_counted_fallback_and_a_valid_proposal(proxy, tiny_model_dir, tmp_path):

@@ -35,12 +35,21 @@ def test_parse_objects(reply, sizes, expected):
     assert parse_objects(reply, sizes) == expected
 
 
-@pytest.mark.parametrize("garbage", ["\x00\x01", "[[[[", "]]]][[", "[[1,,,2]]", "1" * 5000, "[[" * 300,
-                                     "🙂 [[ 1 ]] 🙂", None, 42])
-def test_garbage_never_raises(garbage):
-    parse_choice(garbage, 3)
-    parse_objects(garbage, [2, 2])
-    clean_memory(garbage, 10)
+@pytest.mark.parametrize("garbage,choice,objects,memory", [
+    ("\x00\x01", None, None, None),
+    ("[[[[", None, None, None),
+    ("]]]][[", None, None, None),
+    ("[[1,,,2]]", 1, [0, 1], None),  # the numbers are read through the stray commas
+    ("1" * 5000, None, None, None),  # one huge number: out of range, not an overflow
+    ("[[" * 300, None, None, None),
+    ("🙂 [[ 1 ]] 🙂", 0, None, "🙂 [[ 1 ]] 🙂"),  # one number: a choice, not two objects; five "words"
+    (None, None, None, None),
+    (42, None, None, None),
+])
+def test_garbage_never_raises_and_gives_no_made_up_answer(garbage, choice, objects, memory):
+    assert parse_choice(garbage, 3) == choice
+    assert parse_objects(garbage, [2, 2]) == objects
+    assert clean_memory(garbage, 10) == memory
 
 
 def test_clean_memory_cuts_words_and_rejects_empty():
@@ -53,4 +62,5 @@ def test_clean_memory_cuts_words_and_rejects_empty():
 def test_a_looping_reply_is_not_a_memory():
     loop = "The previous memory was: No results yet. Rewrite it in at most 80 words: " * 3
     assert clean_memory(loop, 80) is None
-    assert clean_memory("SFT on all lifted every task; merging the context and arith specialists is next.", 80)
+    memory = "SFT on all lifted every task; merging the context and arith specialists is next."
+    assert clean_memory(memory, 80) == memory

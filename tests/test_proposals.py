@@ -53,15 +53,18 @@ def test_fewer_than_k_when_fewer_new_recipes_remain_then_one_flagged_repeat(tmp_
 
 
 def test_k_1_is_the_paper_propose_with_its_prompts(tmp_path):
-    replies = ["1", "[[2, 2]]"]
-    (record,), log, controller = many(1, replies=replies, tmp_path=tmp_path)
-    specialist(RecipeStore(tmp_path))
-    paper = Scripted(replies)
-    expected = propose(iteration=1, config=config(), pool=pool(), history=INITIAL, memory="No results yet.",
-                       controller=paper, store=RecipeStore(tmp_path), log=CallLog())
-    assert record == expected and "index" not in record and "rejected" not in record
-    assert controller.prompts == paper.prompts
+    # [[1, 1]] is sft(base, arith): the specialist's own recipe. With k = 1 (the paper) the whole space
+    # is offered, so the choice stands and is flagged as a repeat of iteration 0; k = 2 rejects it.
+    (record,), log, controller = many(1, replies=["1", "[[1, 1]]"], tmp_path=tmp_path)
+    assert record["model"] == SPECIALIST and record["repeat_of"] == 0
+    assert record["fallback"] == {"type_selection": False, "object_selection": False}
+    assert "index" not in record and "rejected" not in record
+    assert [c["kind"] for c in log.calls] == ["type_selection", "object_selection"]
+    assert "sft: " in controller.prompts[0] and "(6 possible choices)" in controller.prompts[0]  # nothing excluded
     assert not any("in parallel" in p or "Already" in p for p in controller.prompts)
+    (first, _), _, parallel = many(2, replies=["1", "[[1, 1]]", "[[3, 2]]", "1", "[[2, 2]]"], tmp_path=tmp_path)
+    assert first["model"] != SPECIALIST and first["rejected"] == 1
+    assert "(4 possible choices)" in parallel.prompts[0]  # the two specialists' recipes are built already
 
 
 def test_later_choices_are_told_what_was_chosen_and_duplicates_are_rejected(tmp_path):

@@ -29,10 +29,32 @@ def test_test_split_reports_ood_apart_from_s_multi():
     assert result["s_multi"] == pytest.approx(0.4)
 
 
-def test_real_lm_eval_tasks_are_named_in_config():
-    task = {"task": "gsm8k", "lm_eval_task": {"val": "gsm8k_val", "test": "gsm8k"}}
-    assert lm_eval_tasks(task, "val") == {"gsm8k": "gsm8k_val"}
-    assert lm_eval_tasks(task, "test") == {"gsm8k": "gsm8k"}
+def test_lm_eval_task_names_are_tasks_that_exist():
+    """Embedded tasks: the YAMLs the project ships; a hub or local task (the GSM8k example): the YAML
+    written for it; an explicit `lm_eval_task`: lm-eval's own tasks."""
+    from pathlib import Path
+
+    import lm_eval
+    import yaml
+
+    from lamdagent.eval_data import task_yaml
+    from lamdagent.evaluate import own_task_names
+
+    arith = {"task": "arith", "metric": "exact_match"}
+    assert lm_eval_tasks(arith, "val") == {"arith": "lamdagent_arith_val"}
+    assert lm_eval_tasks(arith, "test") == {"arith": "lamdagent_arith_test", "arith_ood": "lamdagent_arith_ood"}
+    assert set(lm_eval_tasks(arith, "val").values()) | set(lm_eval_tasks(arith, "test").values()) <= own_task_names()
+
+    example = Path(__file__).resolve().parent.parent / "config" / "examples" / "gemma2-gsm8k.yaml"
+    (gsm8k,) = yaml.safe_load(example.read_text())["eval_tasks"]
+    assert lm_eval_tasks(gsm8k, "val") == {"gsm8k": task_yaml(gsm8k, "val", "x.jsonl")["task"]}
+    assert lm_eval_tasks(gsm8k, "test") == {"gsm8k": task_yaml(gsm8k, "test", "x.jsonl")["task"]}  # no ood split
+
+    named = {"task": "gsm8k", "lm_eval_task": {"val": "gsm8k_cot", "test": "gsm8k"}}
+    assert lm_eval_tasks(named, "val") == {"gsm8k": "gsm8k_cot"} and lm_eval_tasks(named, "test") == {"gsm8k": "gsm8k"}
+    shipped = {line.split(":", 1)[1].strip() for path in (Path(lm_eval.__file__).parent / "tasks" / "gsm8k").glob("*.yaml")
+               for line in path.read_text().splitlines() if line.startswith("task:")}
+    assert {"gsm8k_cot", "gsm8k"} <= shipped
 
 
 def test_scoring_spec_is_what_the_score_depends_on():

@@ -134,8 +134,9 @@ def test_openai_controller_against_a_real_server(tmp_path, tiny_model_dir, opena
     secret = "sk-lamdagent-test-7f3a9c1e5b2d4680"
     monkeypatch.setenv("LAMDAGENT_TEST_KEY", secret)
     workdir = tmp_path / "run"
+    # max_fallback_rate 1: a random tiny model cannot answer, and this test is about the calls, not the choices.
     controller = {"type": "openai", "model": str(tiny_model_dir), "base_url": openai_server,
-                  "api_key_env": "LAMDAGENT_TEST_KEY", "temperature": 0, "timeout_s": 60}
+                  "api_key_env": "LAMDAGENT_TEST_KEY", "temperature": 0, "timeout_s": 60, "max_fallback_rate": 1}
     config = write_tiny_config(workdir, tiny_model_dir, iterations=2, controller=controller)
     run_snakemake(workdir, config, timeout=900)
 
@@ -244,3 +245,45 @@ def test_raising_iterations_continues_a_finished_exploration(tmp_path, tiny_mode
     assert step_times(repo) == before
     board = pd.read_csv(repo / "results" / "leaderboard.tsv", sep="\t")
     assert board["iteration"].max() == 2
+
+
+@pytest.mark.slow
+def test_a_refused_controller_fails_the_run_and_one_that_cannot_answer_stops_it(tmp_path, tiny_model_dir,
+                                                                                 openai_server, monkeypatch):
+    secret = "sk-lamdagent-test-2b7e91c04d3a5f68"
+    monkeypatch.setenv("LAMDAGENT_TEST_KEY", secret)
+    workdir = tmp_path / "run"
+    # The tiny base alone (no specialists to train first): iteration 0 is one evaluation.
+    models = {"tiny": {"source": "local", "path": str(tiny_model_dir)}}
+    objects = {"base_models": ["tiny"], "models": ["tiny"], "sft_dataset": ["arith", "choice", "all"],
+               "sft_lr": [1.0e-3], "ties_weights": [[0.5, 0.5]], "ties_density": [0.5]}
+    controller = {"type": "openai", "model": "no-such-model", "base_url": openai_server,
+                  "api_key_env": "LAMDAGENT_TEST_KEY", "timeout_s": 60, "fallback_rate_after": 2}
+    config = write_tiny_config(workdir, tiny_model_dir, iterations=2, controller=controller, models=models,
+                               objects=objects)
+    proposal = workdir / "results" / "agent" / "iter_1" / "proposal.json"
+
+    # A wrong model name: the first question fails the job with the server's words, no random step.
+    failed = run_snakemake(workdir, config, timeout=600, check=False)
+    assert failed.returncode != 0, failed.stdout[-4000:]
+    assert "ControllerRejected" in failed.stdout and "(HTTP 400)" in failed.stdout, failed.stdout[-4000:]
+    assert "Server is pinned to" in failed.stdout and "requested 'no-such-model'" in failed.stdout
+    assert not proposal.exists() and secret not in failed.stdout
+
+    # The right name, but a random tiny model whose replies never parse: the run stops at the
+    # first proposal (2 of 2 questions fell back) instead of running as random search.
+    controller["model"] = str(tiny_model_dir)
+    config = write_tiny_config(workdir, tiny_model_dir, iterations=2, controller=controller, models=models,
+                               objects=objects)
+    stopped = run_snakemake(workdir, config, timeout=600, check=False)
+    assert stopped.returncode != 0, stopped.stdout[-4000:]
+    assert "FallbackRateExceeded" in stopped.stdout, stopped.stdout[-4000:]
+    assert "2 of the run's 2 questions to the controller (100%) fell back" in stopped.stdout
+    assert "controller.max_fallback_rate (50%)" in stopped.stdout
+    message = next(line for line in stopped.stdout.splitlines() if "FallbackRateExceeded: controller:" in line)
+    assert "Latest: object_selection: " in message, message  # the last reply the parser could not use
+    assert not proposal.exists() and secret not in stopped.stdout
+    for root in (workdir / "results", workdir / ".snakemake"):
+        for path in root.rglob("*"):
+            if path.is_file() and path.stat().st_size < 50_000_000:
+                assert secret.encode() not in path.read_bytes(), path
