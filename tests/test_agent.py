@@ -14,7 +14,8 @@ from lamdagent.recipe import RecipeStore, make_recipe, model_id
 
 
 class Scripted:
-    """Answers with the given replies in order; raising an exception for an Exception item."""
+    """Answers with the given replies in order; raising an exception for an Exception item. Past the
+    last reply it is an endpoint that stopped answering (the fallback takes over)."""
 
     def __init__(self, replies):
         self.replies = list(replies)
@@ -22,6 +23,8 @@ class Scripted:
 
     def complete(self, prompt, *, max_tokens, stop=None, prefix=None):
         self.prompts.append(prompt)
+        if not self.replies:
+            raise ControllerUnavailable(1, ["no scripted reply left"])
         reply = self.replies.pop(0)
         if isinstance(reply, Exception):
             raise reply
@@ -181,7 +184,7 @@ def test_prompts_are_the_papers_g_type_and_g_obj():
            "score": {"s_multi": 0.4, "tasks": {"arith": 0.4}}, "repeat_of": None}
     rewrite = memory_update(eval_tasks=config()["eval_tasks"], memory=memory, history=HISTORY, new=new, note="",
                             max_words=30)
-    assert f"Previous memory:\n{memory}" in rewrite and "- sft(base, all): score 0.400 (arith 0.40)" in rewrite
+    assert f"Previous memory:\n{memory}" in rewrite and "- m1 = sft(base, all): score 0.400 (arith 0.40)" in rewrite
     assert "at most 30 words" in rewrite
 
 
