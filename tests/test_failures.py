@@ -311,7 +311,8 @@ def test_failed_models_leave_the_pool_and_the_reports(tmp_path, monkeypatch):
 
 
 def _kill_first_sft_job(workdir: Path, stop: threading.Event, killed: list) -> None:
-    """SIGKILL the first `sft` job's script process (a job lost to the infrastructure), once."""
+    """SIGKILL the first model-building job's script process (a job lost to the infrastructure), once:
+    every action of this test is an SFT."""
     while not stop.is_set() and not killed:
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
@@ -321,7 +322,7 @@ def _kill_first_sft_job(workdir: Path, stop: threading.Event, killed: list) -> N
                 cwd = os.readlink(proc / "cwd")
             except OSError:
                 continue
-            if cwd == str(workdir) and any(part.endswith(b".sft.py") for part in cmdline):
+            if cwd == str(workdir) and any(part.endswith(b".build_model.py") for part in cmdline):
                 os.kill(int(proc.name), signal.SIGKILL)
                 killed.append(int(proc.name))
                 return

@@ -148,3 +148,58 @@ def test_judge_grades_through_a_real_server_and_fails_clearly_without_ratings(tm
     assert "not-a-secret" not in result.stdout
     record = read_json(tmp_path / "results/logs/judge/tiny.val.failed.json")
     assert "no reply after 2 attempt(s)" in record["samples"][0]["judge_error"]
+
+
+@pytest.fixture(scope="module")
+def rating_judge_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A judge that follows MT-Bench's format: the tiny model fine-tuned (by the project's own SFT) to
+    close every judge prompt with "Rating: [[8]]". Small, deterministic and real: served over HTTP, it
+    generates its reply token by token like any judge."""
+    from lamdagent.fileio import write_jsonl
+    from lamdagent.judge import judge_prompt
+    from lamdagent.train import sft
+
+    root = tmp_path_factory.mktemp("rating-judge")
+    rows = [{"prompt": judge_prompt(f"What is {i} times {i + 3}?", answer, str(i * (i + 3))),
+             "completion": "Rating: [[8]]"}
+            for i in range(12) for answer in (f"It is {i * (i + 3)}.", "x" * (i + 1), "")]
+    write_jsonl(root / "train.jsonl", rows)
+    sft(tiny_model_dir, root / "train.jsonl", root / "judge", learning_rate=3e-3, epochs=12, batch_size=12,
+        max_length=384, seed=0)
+    return root / "judge"
+
+
+@pytest.mark.slow
+def test_judge_grades_every_answer_and_the_rating_is_the_score(tmp_path, tiny_model_dir, rating_judge_dir,
+                                                               monkeypatch):
+    """The success path against a real server: every answer graded, the ratings' mean is the task's
+    metric (maximum 10, so `weight: auto` is 1/10 as in the paper), the judge's prompts, replies and
+    ratings are in the evaluation JSON, and the key never reaches results/."""
+    from conftest import ServedModel
+
+    monkeypatch.setenv("JUDGE_KEY", "judge-secret-value")
+    write_gsm8k(tmp_path / "prompts.jsonl", "test", 8)
+    config = tiny_config(tiny_model_dir)
+    config["eval_tasks"] = [{"task": "mt", "kind": "judge", "source": "local", "path": "prompts.jsonl",
+                             "fields": {"prompt": "question", "answer": "answer"}, "max_gen_toks": 8}]
+    config["data"] = {"train_examples": 4, "val_examples": 3, "test_examples": 5}
+    server = ServedModel(rating_judge_dir, tmp_path).start()
+    try:
+        config["evaluation"] = {"batch_size": 4, "judge": {
+            "model": str(rating_judge_dir), "base_url": server.url, "api_key_env": "JUDGE_KEY", "max_tokens": 16}}
+        config_path = write_config(tmp_path, config)
+        run_snakemake(tmp_path, config_path, "results/scores/tiny.json", timeout=600)
+    finally:
+        server.stop()
+    val = read_json(tmp_path / "results/evals/tiny/val.json")
+    graded = val["tasks"]["lamdagent_mt_val"]
+    assert graded == {"rating,judge": 8.0, "rating_stderr,judge": 0.0, "n": 3, "rated": 3}
+    for sample in val["samples"]["lamdagent_mt_val"]:
+        assert sample["rating"] == 8.0 and sample["judge_reply"].strip().endswith("[[8]]")
+        assert sample["response"] in sample["judge_prompt"] and "[The Start of Reference Answer]" in sample["judge_prompt"]
+    assert val["judge"]["calls"] == 3 and val["judge"]["base_url"] == server.url
+    score = read_json(tmp_path / "results/scores/tiny.json")
+    assert score["weights"] == {"mt": 0.1} and score["s_multi"] == pytest.approx(0.8)
+    assert not (tmp_path / "results/logs/judge/tiny.val.failed.json").exists()
+    leaked = [p for p in (tmp_path / "results").rglob("*") if p.is_file() and b"judge-secret-value" in p.read_bytes()]
+    assert leaked == []
