@@ -15,16 +15,18 @@ from typing import Any
 import jsonschema
 import yaml
 
-from . import custom
-from .actions import ACTIONS, BUILTIN_ACTIONS, SLOT_KINDS, action_prefixes, count_actions, register_custom_actions
-from .redact import is_variable_name, redact
-from .tasks import PREFERENCE_TASKS, TASKS
+from lamdagent.actions import custom
+from lamdagent.actions.registry import (ACTIONS, BUILTIN_ACTIONS, SLOT_KINDS, action_prefixes, count_actions,
+                                        register_custom_actions, slot_kinds)
+from lamdagent.agent.controller import BACKOFF
+from lamdagent.agent.objects import recipe_order
+from lamdagent.data.tasks import PREFERENCE_TASKS, TASKS
+from lamdagent.errors import ConfigError
+from lamdagent.evaluation.score import METRIC_MAX
+from lamdagent.redact import is_variable_name
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 
-# Maxima of the metrics whose range is known, for `weight: auto` (alpha = 1 / max, as in the paper).
-METRIC_MAX = {"exact_match": 1.0, "acc": 1.0, "acc_norm": 1.0, "f1": 1.0, "mc1": 1.0, "mc2": 1.0, "bleu": 100.0,
-              "rouge1": 1.0, "rougeL": 1.0, "rating": 10.0}
 
 DEFAULTS: dict[str, Any] = {
     "proposals_per_iteration": 1,
@@ -38,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
         "max_fallback_rate": 0.5,
         "fallback_rate_after": 4,
         "max_tokens_param": "max_tokens",
-        "backoff": {"attempts": 5, "initial_s": 1.0, "max_s": 30.0, "multiplier": 2.0},
+        "backoff": dict(BACKOFF),
         "max_tokens": {"type_selection": 48, "object_selection": 24, "memory_update": 160},
         "stop": ["\n"],
         "choice": "scored",  # the local controller scores the allowed candidates; text: parse its reply
@@ -62,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     # A failed action (exception, NaN loss, out of memory, time limit) is fed back with this score; it
     # stops itself time_margin_s before its rule's runtime ends, to record the failure.
     "failures": {"score": 0.0, "time_margin_s": 60, "log_tail_lines": 30},
-    # Experiment tracking (lamdagent/tracking.py): off unless a backend is named.
+    # Experiment tracking (lamdagent/store/tracking.py): off unless a backend is named.
     "tracking": {"backend": "none", "dir": "results/tracking/tensorboard", "experiment": "lamdagent",
                  "training_curves": True},
     # retries: Snakemake reruns a job that failed for infrastructure reasons (killed, node lost).
@@ -79,15 +81,6 @@ DEFAULTS: dict[str, Any] = {
         "import_model": {"gpu": 0, "cpus_per_gpu": 1, "threads": 2, "mem_mb": 16000, "runtime": 60, "retries": 2},
     },
 }
-
-
-class ConfigError(ValueError):
-    """A config problem, phrased as ``config: <key>: <what is wrong>``."""
-
-    def __init__(self, key: str, problem: str):
-        # Whatever a message quotes, a key pasted into the config is masked (it may reach a cluster log).
-        super().__init__(redact(f"config: {key}: {problem}"))
-        self.key = redact(key)
 
 
 def _merge_defaults(config: dict, defaults: dict) -> dict:
@@ -169,20 +162,11 @@ def load(config: dict, workdir: str | Path = ".") -> dict:
 
 
 def _check_tracking(config: dict) -> None:
-    from .tracking import check as tracking_problem
+    from lamdagent.store.tracking import check as tracking_problem
 
     problem = tracking_problem(config)
     if problem is not None:
         raise ConfigError(f"tracking.{problem[0]}", problem[1])
-
-
-def slot_kinds(config: dict) -> dict[str, str]:
-    """Kind of every object type that fills a slot ("model", "dataset", "preference_dataset", "number", "weights")."""
-    kinds: dict[str, str] = {}
-    for action, object_types in config["action_types"].items():
-        for slot, object_type in zip(ACTIONS[action].slots, object_types):
-            kinds.setdefault(object_type, slot.kind)
-    return kinds
 
 
 def slots_of(action: str):
@@ -314,7 +298,7 @@ def check(config: dict, workdir: Path) -> None:
         elif source == "local":
             if "path" not in spec:
                 raise ConfigError(f"{key}.path", "missing (a JSONL or parquet file)")
-            from .datasets import check_local_dataset  # noqa: PLC0415 - imports pandas only when needed
+            from lamdagent.data.datasets import check_local_dataset  # noqa: PLC0415 - imports pandas only when needed
 
             check_local_dataset(workdir / spec["path"], spec.get("fields"), key, preference=is_preference(spec))
         elif source == "hub":
@@ -412,7 +396,8 @@ def _check_file_task(task: dict, key: str, config: dict, workdir: Path) -> None:
         if not judge:
             raise ConfigError("evaluation.judge", f"missing: {key} is graded by a judge (model, base_url, api_key_env)")
     if task["source"] == "local":
-        from .eval_data import EvalDataError, load_splits  # noqa: PLC0415 - reads the files only when needed
+        from lamdagent.evaluation.eval_data import EvalDataError  # noqa: PLC0415 - reads the files only when needed
+        from lamdagent.evaluation.eval_data import load_splits
 
         try:
             load_splits(task, config["data"], config["seed"], workdir)
@@ -438,7 +423,8 @@ def _check_lm_eval_names(config: dict, workdir: Path) -> None:
              for split, name in (task.get("lm_eval_task") or {}).items()]
     if not named:
         return
-    from .evaluate import unknown_tasks  # noqa: PLC0415 - lm-eval is imported only for lm-eval task names
+    from lamdagent.evaluation.evaluate import (  # noqa: PLC0415 - lm-eval is imported only for lm-eval task names
+        unknown_tasks)
 
     unknown = set(unknown_tasks([name for _, _, name in named], [workdir / p for p in include],
                                 cache_dir=workdir / ".snakemake" / "lamdagent"))
@@ -550,7 +536,7 @@ def _check_recipe_models(config: dict, kinds: dict[str, str]) -> None:
         for index, (slot, value) in enumerate(zip(spec.slots, recipe["objects"])):
             _check_value(slot.kind, value, f"{key}.objects[{index}]", config, slot)
         if spec.family == "merge":
-            from .actions import is_valid_combination  # noqa: PLC0415
+            from lamdagent.actions.registry import is_valid_combination  # noqa: PLC0415
 
             if not is_valid_combination(action, tuple(recipe["objects"])):
                 raise ConfigError(f"{key}.objects", "a merge needs two different models, neither of them the base")
@@ -562,19 +548,6 @@ def _arity(spec) -> str:
     names = ", ".join(s.name + (" (optional)" if s.optional else "") for s in spec.slots)
     count = f"{spec.required}" if spec.required == len(spec.slots) else f"{spec.required} to {len(spec.slots)}"
     return f"{count} object types ({names})"
-
-
-def recipe_order(config: dict, name: str, _visiting: tuple = ()) -> list[str]:
-    """Named models in the order they must be resolved (parents first); a cycle is a config error."""
-    if name in _visiting:
-        raise ConfigError(f"models.{name}.recipe", f"cycle: {' -> '.join(_visiting + (name,))}")
-    recipe = config["models"][name].get("recipe")
-    order: list[str] = []
-    if recipe:
-        for slot, value in zip(ACTIONS[recipe["action"]].slots, recipe["objects"]):
-            if slot.kind == "model":
-                order += [m for m in recipe_order(config, value, _visiting + (name,)) if m not in order]
-    return order + [name]
 
 
 def _study_defaults(config: dict) -> None:
