@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lamdagent.actions.registry import BUILTIN_ACTIONS, SLOT_KINDS, register_custom_actions
+from lamdagent.errors import ConfigError
 from lamdagent.store.fileio import sha256_file
 
 # Fields a command template may name besides its slots and fixed params.
@@ -167,3 +169,78 @@ def check_output(output: str | os.PathLike) -> dict:
     dtype = str(model.dtype).removeprefix("torch.")
     precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
     return {"precision": precision, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+CUSTOM_RESOURCES = {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240, "retries": 2}
+
+
+def check_entries(config: dict, workdir: Path) -> None:
+    """Check config's ``custom_actions``, hash their code into ``code`` and register them as actions.
+
+    Each becomes a rule of its own name, with ``resources.<name>`` (defaults < its own ``resources``
+    < the top-level ``resources.<name>``).
+    """
+    for name, entry in config["custom_actions"].items():
+        key = f"custom_actions.{name}"
+        if name in BUILTIN_ACTIONS:
+            raise ConfigError(key, f"{name!r} is a built-in action; give yours another name")
+        if name in WORKFLOW_RULES:
+            raise ConfigError(key, f"{name!r} is the name of a workflow rule; give the action another name")
+        if not name.isidentifier() or not name.isascii() or name.startswith("_"):
+            raise ConfigError(key, "an action name is a Python-style identifier (letters, digits, _), e.g. orpo")
+        names = []
+        for index, slot in enumerate(entry["slots"]):
+            slot_key = f"{key}.slots[{index}]"
+            if slot["kind"] not in SLOT_KINDS:
+                raise ConfigError(f"{slot_key}.kind", f"unknown slot kind {slot['kind']!r}; known: {', '.join(SLOT_KINDS)}")
+            if not slot["name"].isidentifier() or slot["name"] in TEMPLATE_FIELDS:
+                raise ConfigError(f"{slot_key}.name", f"{slot['name']!r} must be an identifier other than "
+                                                      f"{', '.join(TEMPLATE_FIELDS)}")
+            if slot["name"] in names:
+                raise ConfigError(f"{slot_key}.name", f"duplicate slot {slot['name']!r}")
+            names.append(slot["name"])
+        params = entry.get("params") or {}
+        for param in params:
+            if param in names or param in TEMPLATE_FIELDS or not param.isidentifier():
+                raise ConfigError(f"{key}.params.{param}", "must be an identifier that is neither a slot nor "
+                                                           f"{', '.join(TEMPLATE_FIELDS)}")
+        if ("command" in entry) == ("entry_point" in entry):
+            raise ConfigError(key, "give exactly one of `command` (a template) or `entry_point` (package.module:function)")
+        if "command" in entry:
+            try:
+                fields = template_fields(entry["command"])
+            except ValueError as err:
+                raise ConfigError(f"{key}.command", f"not a valid template: {err}") from None
+            for field in fields:
+                if field not in names and field not in params and field not in TEMPLATE_FIELDS:
+                    raise ConfigError(f"{key}.command", f"{{{field}}} is not a slot of {name} (slots: {', '.join(names)}; "
+                                                        f"also {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)})")
+            if "output" not in fields:
+                raise ConfigError(f"{key}.command", "never names {output}, the directory the model is saved to")
+            script = script_of(entry)
+            script_key = f"{key}.script" if "script" in entry else f"{key}.command"
+            if script is None:
+                raise ConfigError(f"{key}.script", "missing: name the file the command runs (its sha256 enters the "
+                                                   "model ids)")
+            path = workdir / script
+            if not path.is_file():
+                raise ConfigError(script_key, f"script {script} not found (looked in {workdir.resolve()})")
+        else:
+            found = module_file(entry["entry_point"], workdir)
+            if found is None:
+                raise ConfigError(f"{key}.entry_point", f"module {entry['entry_point'].partition(':')[0]!r} not "
+                                                        f"found (importable from {workdir.resolve()} or the environment)")
+            path = Path(found)
+        if "conda" in entry:
+            conda = (workdir / entry["conda"]).resolve()
+            if not conda.is_file():
+                raise ConfigError(f"{key}.conda", f"{conda} is not a file (a conda env YAML)")
+            entry["conda"] = str(conda)
+        code = code_identity(entry, path)
+        if "entry_point" in entry:  # recorded relative to the workdir where it can be, so a moved checkout keeps ids
+            code["module_file"] = os.path.relpath(path.resolve(), workdir.resolve()) \
+                if path.resolve().is_relative_to(workdir.resolve()) else str(path.resolve())
+        entry["code"] = code
+        config["resources"][name] = {**CUSTOM_RESOURCES, **entry.get("resources", {}),
+                                     **config["resources"].get(name, {})}
+    register_custom_actions(config)

@@ -9,6 +9,9 @@ rejected) triples against a frozen copy of the starting model. The result is a p
 
 A job runs them in a child process (``python -m lamdagent.actions.failures --call lamdagent.actions.train:sft``,
 under torchrun with one worker per GPU on several GPUs): see ``lamdagent.actions.failures``.
+
+Over 400 lines: SFT and DPO share the loading, the hyper-parameter checks, the trainer arguments,
+the precision and save-dtype rules and the save; apart, each half would import the other's privates.
 """
 
 from __future__ import annotations

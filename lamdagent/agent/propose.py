@@ -5,6 +5,10 @@ reply, or a call that found the endpoint unavailable past its backoff, is asked 
 times, then replaced by a seeded random valid choice, and the fallback is counted in the proposal;
 a refused request (wrong key, model or parameter) fails the step instead. With ``proposals_per_iteration`` k > 1, :func:`propose_many`
 makes k such choices, each excluding what the iteration chose already and what was built before.
+
+Over 400 lines: the two questions of one step (the type, then the objects), their retries, the
+seeded fallback and the call log are one procedure; the prompts, the parsing and the controllers
+are already modules of their own.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Iterator
 
 from lamdagent.data.datasets import DatasetError, _rows_from_file
+from lamdagent.data.tasks import TASKS
+from lamdagent.errors import ConfigError
 from lamdagent.store.fileio import atomic_write_json, atomic_write_text, write_jsonl
 
 FILE_SOURCES = ("local", "hub")
@@ -305,3 +307,72 @@ def fetch_task(task: str, include_paths, out_json) -> dict:
              "prompt_sha256": sorted(prompt_hash(p) for p in prompts)}
     atomic_write_json(out_json, entry)
     return entry
+
+
+def check_file_task(task: dict, key: str, config: dict, workdir: Path) -> None:
+    """A task read from a local file or the hub: its keys; for local files, the rows and the
+    disjointness of validation and the other splits (hub data is checked by prepare_eval_task)."""
+    import re
+
+    if task["task"] in TASKS:
+        raise ConfigError(f"{key}.task", f"{task['task']!r} is an embedded task; name your own task otherwise")
+    if not re.fullmatch(r"[A-Za-z0-9_]+", task["task"]):
+        raise ConfigError(f"{key}.task", "a task with its own data is named by letters, digits and _ only")
+    for other in ("lm_eval_task", "allow_same_split"):
+        if other in task:
+            raise ConfigError(f"{key}.{other}", f"only for lm-eval task names, not with source {task['source']!r}")
+    where = "path" if task["source"] == "local" else "split"
+    if "splits" in task and where in task:
+        raise ConfigError(f"{key}.splits", f"give either `splits` or `{where}`, not both")
+    if task["source"] == "local" and "splits" not in task and "path" not in task:
+        raise ConfigError(f"{key}.path", "missing (a JSONL or parquet file, or `splits: {val: F1, test: F2}`)")
+    if task["source"] == "hub" and "repo" not in task:
+        raise ConfigError(f"{key}.repo", "missing (the hub dataset id)")
+    kind = task.setdefault("kind", "generate")
+    if kind == "generate":
+        task.setdefault("extract", "text")
+        if task.get("metric", "exact_match") != "exact_match":
+            raise ConfigError(f"{key}.metric", "a generated-answer task is scored by exact_match")
+    else:
+        if task.setdefault("metric", "rating") != "rating":
+            raise ConfigError(f"{key}.metric", "a judged task is scored by rating (1-10)")
+        judge = config["evaluation"].get("judge")
+        if not judge:
+            raise ConfigError("evaluation.judge", f"missing: {key} is graded by a judge (model, base_url, api_key_env)")
+    if task["source"] == "local":
+        from lamdagent.evaluation.eval_data import EvalDataError  # noqa: PLC0415 - reads the files only when needed
+        from lamdagent.evaluation.eval_data import load_splits
+
+        try:
+            load_splits(task, config["data"], config["seed"], workdir)
+        except EvalDataError as err:
+            raise ConfigError(f"{key}.{'splits' if 'splits' in task else 'path'}", str(err)) from None
+
+
+def check_lm_eval_task(task: dict, key: str) -> None:
+    names = task["lm_eval_task"]
+    if names.get("test") and names["test"] == names["val"] and not task.get("allow_same_split"):
+        raise ConfigError(f"{key}.lm_eval_task", f"val and test are the same task and split {names['val']!r}: the "
+                                                 "search would select on its test set; hold out a validation "
+                                                 "split (or set allow_same_split: true)")
+
+
+def check_lm_eval_names(config: dict, workdir: Path) -> None:
+    """Every lm_eval_task name is one lm-eval knows (ours, evaluation.include_paths, its own)."""
+    include = config["evaluation"]["include_paths"]
+    for index, path in enumerate(include):
+        if not (workdir / path).is_dir():
+            raise ConfigError(f"evaluation.include_paths[{index}]", f"{workdir / path} is not a directory")
+    named = [(index, split, name) for index, task in enumerate(config["eval_tasks"])
+             for split, name in (task.get("lm_eval_task") or {}).items()]
+    if not named:
+        return
+    from lamdagent.evaluation.evaluate import (  # noqa: PLC0415 - lm-eval is imported only for lm-eval task names
+        unknown_tasks)
+
+    unknown = set(unknown_tasks([name for _, _, name in named], [workdir / p for p in include],
+                                cache_dir=workdir / ".snakemake" / "lamdagent"))
+    for index, split, name in named:
+        if name in unknown:
+            raise ConfigError(f"eval_tasks[{index}].lm_eval_task.{split}",
+                              f"unknown lm-eval task {name!r} (not built in, nor under evaluation.include_paths)")
