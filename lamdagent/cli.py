@@ -122,7 +122,7 @@ def status(workdir: Path, configfiles: list[Path] | None, *, as_json: bool) -> i
     """Where the exploration in ``workdir`` stands: iteration i of N, best so far, last step, time left."""
     import json
 
-    from lamdagent.report.status import status as st
+    from lamdagent.report import status as st
 
     if not (workdir / "results").is_dir():
         print(f"{workdir}: no results/ here (run it where you run snakemake, or pass --directory)", file=sys.stderr)

@@ -186,7 +186,7 @@ def test_the_child_dies_with_its_job(tmp_path):
     pid_file = tmp_path / "child.pid"
     child = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
                                    "time.sleep(120)"]
-    job = (f"from lamdagent import failures; failures.run_action({child!r}, metrics_json={str(tmp_path / 'm')!r}, "
+    job = (f"from lamdagent.actions import failures; failures.run_action({child!r}, metrics_json={str(tmp_path / 'm')!r}, "
            f"failure_json={str(tmp_path / 'f')!r}, deadline=300, out_dir={str(tmp_path / 'out')!r})")
     parent = subprocess.Popen([sys.executable, "-c", job], env=dict(os.environ, PYTHONPATH=str(REPO)))
     deadline = time.monotonic() + 60

@@ -16,7 +16,7 @@ from typing import Any
 
 from lamdagent.store.fileio import atomic_write_json
 
-TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
+TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
 
 
 def own_task_names(extra_include_paths=()) -> set[str]:

@@ -6,8 +6,9 @@ card). A record holds the recipe, the sha256 of every file of the directory, the
 size, how to regenerate or where they came from), the run (times, CPU and GPU seconds, device,
 precision), the code version, package versions, hardware, and whether a rebuild can be bit-identical.
 
-``verify`` re-hashes what a record lists; ``rebuild`` (used by ``lamdagent rebuild``) makes the tree
-again in a fresh results directory with the same library calls the workflow makes.
+This module collects and writes the record; ``lineage.verify`` re-hashes what a record lists,
+``lineage.rebuild`` (``lamdagent rebuild``) makes the tree again in a fresh results directory with the
+same library calls the workflow makes, ``lineage.cards`` renders it.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _git(args: list[str], cwd: Path) -> str | None:
 
 def code_version() -> dict:
     """The commit of the lamdagent checkout and whether tracked files differ from it."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     commit = _git(["rev-parse", "HEAD"], root)
     status = _git(["status", "--porcelain", "--untracked-files=no"], root) if commit else None
     return {

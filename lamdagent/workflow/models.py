@@ -74,7 +74,7 @@ def _run_action(smk, action: str, call: str, kwargs: dict, *, gpus: int = 0) -> 
     if command is None:  # 0 or 1 GPU: one child process
         command = [sys.executable, "-m", "lamdagent.actions.failures", *args]
     # The child imports this package the way this job did, even from a bare conda env.
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     deadline = failures.deadline_s(getattr(smk.resources, "runtime", None), settings["time_margin_s"])
     print("launching:", " ".join(command), f"(deadline {deadline} s)", flush=True)
