@@ -15,10 +15,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from lamdagent.actions.registry import action_spec  # noqa: E402
-from lamdagent.actions.registry import is_built_id  # noqa: E402
+from lamdagent.actions.registry import action_spec, is_built_id  # noqa: E402
 from lamdagent.agent.plan import step_entries  # noqa: E402
-from lamdagent.store.recipes import RecipeStore
+from lamdagent.store.recipes import RecipeStore  # noqa: E402
 
 # No timestamps or random ids in the SVGs: the same results give the same files.
 plt.rcParams["svg.hashsalt"] = "lamdagent"
