@@ -125,3 +125,17 @@ def test_long_modules_say_why(name):
     if len(lines) > 400:
         doc = ast.get_docstring(ast.parse("\n".join(lines))) or ""
         assert "Over 400 lines" in doc, f"{path}: {len(lines)} lines and no reason at its top for not splitting it"
+
+
+def test_each_rules_file_has_its_module_of_rule_bodies():
+    """``rules/<name>.smk`` runs ``scripts/<rule>.py``, which calls ``lamdagent.workflow.<name>.<rule>``."""
+    import re
+
+    repo = PACKAGE.parent
+    smk_names = {path.stem for path in (repo / "rules").glob("*.smk")}
+    assert smk_names == {path.stem for path in (PACKAGE / "workflow").glob("*.py")} - {"__init__"}
+    for smk in sorted((repo / "rules").glob("*.smk")):
+        for script in re.findall(r'"\.\./scripts/(\w+)\.py"', smk.read_text(encoding="utf-8")):
+            text = (repo / "scripts" / f"{script}.py").read_text(encoding="utf-8")
+            called = re.findall(r"^from lamdagent\.workflow import (\w+)", text, re.M)
+            assert called == [smk.stem], f"scripts/{script}.py (a rule of {smk.name}) calls lamdagent.workflow.{called}"
