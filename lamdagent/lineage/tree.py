@@ -51,7 +51,7 @@ def weight_files(files: dict[str, dict]) -> dict[str, str]:
     return {name: entry["sha256"] for name, entry in files.items() if name.endswith((".safetensors", ".bin"))}
 
 
-# ---- rebuilding ---------------------------------------------------------------------------------
+# ---- the build steps -----------------------------------------------------------------------------
 
 
 def rebuild_plan(lineage: dict) -> list[dict]:

@@ -9,8 +9,6 @@ from lamdagent.lineage.cards import short_sha
 from lamdagent.lineage.records import load_lineage
 from lamdagent.store.fileio import sha256_file
 
-# ---- verifying ----------------------------------------------------------------------------------
-
 
 def _resolve_dir(node: dict, near: Path | None) -> Path | None:
     """A parent's directory: a sibling of the child (a copied results tree) first, else where it was."""

@@ -8,8 +8,6 @@ from lamdagent.store import tracking
 from lamdagent.store.fileio import atomic_write_json, atomic_write_text, read_json, write_jsonl
 from lamdagent.workflow.common import job_context
 
-# ---- agent ------------------------------------------------------------------------------------
-
 
 def init_pool(smk):
     from lamdagent.agent.objects import Pool

@@ -10,8 +10,6 @@ from pathlib import Path
 from lamdagent.store.fileio import atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
 from lamdagent.workflow.common import RECIPES, job_context, read_board, read_evals
 
-# ---- baselines --------------------------------------------------------------------------------
-
 
 def baseline_recipes(smk):
     from lamdagent.agent.objects import Pool

@@ -6,8 +6,6 @@ from pathlib import Path
 
 from lamdagent.workflow.common import job_context
 
-# ---- data -------------------------------------------------------------------------------------
-
 
 def generate_task(smk):
     from lamdagent.data.tasks import write_splits

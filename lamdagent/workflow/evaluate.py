@@ -7,8 +7,6 @@ from pathlib import Path
 from lamdagent.store.fileio import atomic_write_json, read_json
 from lamdagent.workflow.common import job_context, require_weights
 
-# ---- evaluation -------------------------------------------------------------------------------
-
 
 def evaluate(smk):
     from lamdagent.actions.failures import read_failure

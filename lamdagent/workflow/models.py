@@ -12,8 +12,6 @@ from lamdagent.store import tracking
 from lamdagent.store.fileio import atomic_directory, atomic_write_json, read_json
 from lamdagent.workflow.common import job_context, require_weights
 
-# ---- models -----------------------------------------------------------------------------------
-
 
 def import_model(smk):
     from lamdagent.actions.models import import_embedded_smollm2, import_hub_model

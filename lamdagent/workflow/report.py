@@ -39,8 +39,6 @@ def costs(smk):
         print(table.to_string(index=False))
 
 
-# ---- report -----------------------------------------------------------------------------------
-
 
 def leaderboard(smk):
     from lamdagent.report.leaderboard import leaderboard_table

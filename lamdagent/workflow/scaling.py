@@ -7,7 +7,7 @@ from pathlib import Path
 from lamdagent.store.fileio import atomic_write_json, atomic_write_text, read_json, write_jsonl
 from lamdagent.workflow.common import RECIPES, job_context, read_board, read_evals
 
-# ---- data -------------------------------------------------------------------------------------
+# ---- resized datasets ----------------------------------------------------------------------------
 
 
 def generate_train(smk):
