@@ -25,12 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd  # noqa: E402
 from common import REPO, SNAKEMAKE, build_tiny_models, machine, median
 
-import pandas as pd  # noqa: E402
-
-from lamdagent.fileio import read_json  # noqa: E402
-from lamdagent.plan import step_entries  # noqa: E402
+from lamdagent.agent.plan import step_entries  # noqa: E402
+from lamdagent.store.fileio import read_json  # noqa: E402
 
 
 def job_span(bench: Path) -> tuple[float, float] | None:

@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pandas as pd  # noqa: E402
 
-from lamdagent.costs import read_benchmarks  # noqa: E402,F401 - re-exported for the scripts
+from lamdagent.report.costs import read_benchmarks  # noqa: E402,F401 - re-exported for the scripts
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
@@ -55,7 +55,7 @@ def build_tiny_models(out_dir: Path, seeds=(0,), hidden_size: int = 32, num_laye
     """Tiny random Llamas with SmolLM2's tokenizer (the tests' model), one per seed; reused if present."""
     from transformers import AutoTokenizer
 
-    from lamdagent.models import build_tiny_llama, smollm2_gguf_path
+    from lamdagent.actions.models import build_tiny_llama, smollm2_gguf_path
 
     out_dir = Path(out_dir)
     tokenizer_dir = out_dir / "tokenizer"
@@ -105,7 +105,7 @@ def model_for_benchmark(spec: str | None, scratch: Path, hidden_size: int, num_l
     if spec is None:
         return build_tiny_models(scratch / "models", seeds=(0,), hidden_size=hidden_size, num_layers=num_layers)[0]
     if spec == "smollm2":
-        from lamdagent.models import import_embedded_smollm2
+        from lamdagent.actions.models import import_embedded_smollm2
 
         path = Path(scratch) / "models" / "smollm2"
         if not (path / "config.json").is_file():

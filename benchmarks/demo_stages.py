@@ -1,7 +1,7 @@
 """The embedded demo's time per stage, from the benchmark files of a finished ``make demo``.
 
 Reads ``results/benchmarks/`` (one Snakemake benchmark file per job; stages as in
-``lamdagent.costs``, which builds ``results/report/costs.tsv`` from the same files) and prints the
+``lamdagent.report.costs``, which builds ``results/report/costs.tsv`` from the same files) and prints the
 jobs and the summed wall and CPU seconds per stage, the sum over all jobs, and the span from the
 first job's start to the last job's end (jobs of two cores overlap, so the sum can exceed the span).
 Usage::

@@ -1,4 +1,4 @@
-"""Evaluation throughput: the project's evaluation (``lamdagent.evaluate`` through lm-eval, one fresh
+"""Evaluation throughput: the project's evaluation (``lamdagent.evaluation.evaluate`` through lm-eval, one fresh
 process per model and split as the ``evaluate`` rule runs it) against batched ``model.generate``.
 
 Both sides get the same model, the same validation rows of the embedded tasks, the chat template,
@@ -46,9 +46,7 @@ def worker(args) -> int:
     """The baseline, in its own process: imports, load, batched generate per task; replies to JSON."""
     t0 = time.perf_counter()
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
     class StopWhenEveryRowHas(StoppingCriteria):
         """Stop once every row's reply holds a stop string (transformers' ``stop_strings`` matches a
@@ -139,8 +137,8 @@ def main(argv=None) -> int:
     if args.worker_model:
         return worker(args)
 
-    from lamdagent.fileio import read_jsonl
-    from lamdagent.tasks import write_splits
+    from lamdagent.data.tasks import write_splits
+    from lamdagent.store.fileio import read_jsonl
 
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="lamdagent-eval-bench-"))
     print(f"machine: {machine()}; torch threads {args.threads}")
@@ -154,7 +152,7 @@ def main(argv=None) -> int:
                 for t in TASKS}
         (scratch / "jobs.json").write_text(json.dumps(jobs))
         lm_tasks = [f"lamdagent_{t}_val" for t in TASKS]
-        project_cmd = [sys.executable, "-m", "lamdagent.evaluate", str(model_dir), *lm_tasks, "--out",
+        project_cmd = [sys.executable, "-m", "lamdagent.evaluation.evaluate", str(model_dir), *lm_tasks, "--out",
                        str(scratch / "project.json"), "--batch-size", str(args.batch_size), "--device", "cpu",
                        "--dtype", "float32"]
         baseline_cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-model", str(model_dir), "--worker-in",

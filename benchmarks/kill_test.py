@@ -41,11 +41,13 @@ sys.path.insert(0, str(REPO))
 
 from e2e import run_snakemake, snakemake_command, subprocess_env, tiny_config  # noqa: E402
 
-from lamdagent.fileio import read_json  # noqa: E402
-from lamdagent.lineage import LINEAGE_FILE, hash_files, weight_files  # noqa: E402
-from lamdagent.plan import step_entries  # noqa: E402
-from lamdagent.prune import is_pruned  # noqa: E402
-from lamdagent.recipe import is_built_id, model_id  # noqa: E402
+from lamdagent.actions.registry import is_built_id
+from lamdagent.agent.plan import step_entries  # noqa: E402
+from lamdagent.lineage.prune import is_pruned  # noqa: E402
+from lamdagent.lineage.records import LINEAGE_FILE, hash_files
+from lamdagent.lineage.tree import weight_files  # noqa: E402
+from lamdagent.store.fileio import read_json  # noqa: E402
+from lamdagent.store.recipes import model_id  # noqa: E402
 
 LAMDAGENT = str(Path(sys.executable).with_name("lamdagent"))
 MODEL_RULES = ("sft", "ties_merging")
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lamdagent-kill-"))
-    from lamdagent.models import build_tiny_llama
+    from lamdagent.actions.models import build_tiny_llama
 
     tiny = workdir / "tiny-llama"
     if not (tiny / "config.json").is_file():

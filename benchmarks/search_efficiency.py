@@ -40,17 +40,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import yaml  # noqa: E402
 from common import REPO, build_tiny_models, machine, run_workflow  # noqa: E402
 
-from lamdagent.baselines import SHARED_DIRS  # noqa: E402
-
-import yaml  # noqa: E402
+from lamdagent.studies.baselines import SHARED_DIRS  # noqa: E402
 
 
 def iteration_entries(workdir: Path, k: int) -> list[list[dict]]:
     """The plan entries of iterations 0..k of a finished run: iteration 0 holds the initial models, each
     later one its proposals' steps (k > 1 proposals per iteration) or its one step."""
-    from lamdagent.plan import step_entries
+    from lamdagent.agent.plan import step_entries
 
     agent = Path(workdir) / "results" / "agent"
     return [step_entries(json.loads((agent / f"iter_{i}" / "step.json").read_text())) for i in range(k + 1)]

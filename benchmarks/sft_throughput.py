@@ -1,4 +1,4 @@
-"""SFT throughput: the project's ``lamdagent.train.sft`` (trl SFTTrainer, as the ``sft`` rule calls it)
+"""SFT throughput: the project's ``lamdagent.actions.train.sft`` (trl SFTTrainer, as the ``sft`` rule calls it)
 against a minimal hand-written PyTorch loop doing the same work, on CPU, in tokens per second.
 
 Same model (a random Llama with SmolLM2's tokenizer, or ``--model DIR``), same rows (the embedded
@@ -34,8 +34,8 @@ from common import machine, median, model_for_benchmark  # noqa: E402
 
 def make_dataset(out_dir: Path, examples: int, seed: int = 0) -> Path:
     """The embedded ``all`` mix (arith, choice, context interleaved), as prepare_dataset writes it."""
-    from lamdagent.datasets import prepare
-    from lamdagent.tasks import write_splits
+    from lamdagent.data.datasets import prepare
+    from lamdagent.data.tasks import write_splits
 
     per_task = -(-examples // 3)
     files = [write_splits(task, out_dir / task, {"train": per_task}, seed)["train"]
@@ -47,7 +47,7 @@ def make_dataset(out_dir: Path, examples: int, seed: int = 0) -> Path:
 
 
 def run_project(model_dir: Path, dataset: Path, out_dir: Path, args) -> dict:
-    from lamdagent.train import sft
+    from lamdagent.actions.train import sft
 
     shutil.rmtree(out_dir, ignore_errors=True)
     started = time.perf_counter()
@@ -78,7 +78,7 @@ def run_loop(model_dir: Path, dataset: Path, out_dir: Path, args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-    from lamdagent.fileio import read_jsonl
+    from lamdagent.store.fileio import read_jsonl
 
     shutil.rmtree(out_dir, ignore_errors=True)
     started = time.perf_counter()

@@ -54,21 +54,22 @@ def unlock_stale(workdir: Path) -> int:
 
 def lineage(model_dir: Path, *, verify: bool, as_json: bool) -> int:
     """Print a model's lineage tree (or the record as JSON); with ``verify``, re-hash its files."""
-    from . import lineage as lin
+    from lamdagent.lineage import cards, records
+    from lamdagent.lineage.verify import verify as verify_files
 
     try:
-        record = lin.load_lineage(model_dir)
+        record = records.load_lineage(model_dir)
     except FileNotFoundError as err:
         print(err, file=sys.stderr)
         return 2
     if as_json:
-        print(lin.dumps(record))
+        print(cards.dumps(record))
     else:
-        print(lin.render_tree(record), end="")
+        print(cards.render_tree(record), end="")
     if not verify:
         return 0
     notes: list[str] = []
-    problems = lin.verify(model_dir, notes)
+    problems = verify_files(model_dir, notes)
     out = sys.stderr if as_json else sys.stdout  # keep stdout parseable JSON
     for note in notes:
         print(f"checked: {note}", file=out)
@@ -84,14 +85,14 @@ def rebuild(model_dir: Path, results: Path) -> int:
     Exit 1 when a step recorded as bit-reproducible gives other bytes; a step recorded as not
     reproducible (GPU, reduced precision) may differ and is reported as such.
     """
-    from . import lineage as lin
+    from lamdagent.lineage import rebuild, records
 
     try:
-        record = lin.load_lineage(model_dir)
+        record = records.load_lineage(model_dir)
     except FileNotFoundError as err:
         print(err, file=sys.stderr)
         return 2
-    report = lin.rebuild(record, results, say=lambda line: print(line, flush=True))
+    report = rebuild.rebuild(record, results, say=lambda line: print(line, flush=True))
     final = report[-1]
     unexpected = [step["model"] for step in report if step["expected_identical"] and not step["identical"]]
     print(f"final {final['model']}: rebuilt in {final['dir']}: "
@@ -106,7 +107,7 @@ def load_configs(paths: list[Path]) -> dict | None:
     """The config as Snakemake merges ``--configfile`` files (later keys win); None if none exists."""
     import yaml
 
-    from .config import _merge_defaults
+    from lamdagent.config import _merge_defaults
 
     merged: dict = {}
     found = False
@@ -121,7 +122,7 @@ def status(workdir: Path, configfiles: list[Path] | None, *, as_json: bool) -> i
     """Where the exploration in ``workdir`` stands: iteration i of N, best so far, last step, time left."""
     import json
 
-    from . import status as st
+    from lamdagent.report import status as st
 
     if not (workdir / "results").is_dir():
         print(f"{workdir}: no results/ here (run it where you run snakemake, or pass --directory)", file=sys.stderr)
@@ -142,7 +143,7 @@ def check_config(configfiles: list[Path], directory: Path) -> int:
     """Check the config as a run in ``directory`` would read it (its config/config.yaml, then each
     --configfile over it), with no job started. Snakemake reports a YAML syntax error in a
     --configfile without file or line; this names both."""
-    from . import config as cfg
+    from lamdagent import config as cfg
 
     default = directory / "config" / "config.yaml"
     files = ([default] if default.is_file() else []) + list(configfiles)

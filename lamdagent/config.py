@@ -2,29 +2,36 @@
 
 Everything here runs when Snakemake parses the workflow, before any job: a bad config stops the
 run with one line naming the offending key (``config: action_types.sft[1]: ...``) or file.
+The checks of a section that has its own code live with that code (``actions.custom.check_entries``,
+``evaluation.eval_data.check_file_task``, ``studies.defaults.fill``, ``store.tracking.check``).
+
+Over 400 lines: what is left is the schema, the defaults and the cross-reference checks of the
+action space (action types, objects, named models), read top to bottom in the order ``load`` runs them.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-from . import custom
-from .actions import ACTIONS, BUILTIN_ACTIONS, SLOT_KINDS, action_prefixes, count_actions, register_custom_actions
-from .redact import is_variable_name, redact
-from .tasks import PREFERENCE_TASKS, TASKS
+from lamdagent.actions import custom
+from lamdagent.actions.registry import ACTIONS, action_prefixes, count_actions, slot_kinds
+from lamdagent.agent.controller import BACKOFF
+from lamdagent.agent.objects import recipe_order
+from lamdagent.data.tasks import PREFERENCE_TASKS, TASKS
+from lamdagent.errors import ConfigError
+from lamdagent.evaluation.eval_data import check_file_task, check_lm_eval_names, check_lm_eval_task
+from lamdagent.evaluation.score import METRIC_MAX
+from lamdagent.redact import is_variable_name
+from lamdagent.studies import defaults as study_defaults
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 
-# Maxima of the metrics whose range is known, for `weight: auto` (alpha = 1 / max, as in the paper).
-METRIC_MAX = {"exact_match": 1.0, "acc": 1.0, "acc_norm": 1.0, "f1": 1.0, "mc1": 1.0, "mc2": 1.0, "bleu": 100.0,
-              "rouge1": 1.0, "rougeL": 1.0, "rating": 10.0}
 
 DEFAULTS: dict[str, Any] = {
     "proposals_per_iteration": 1,
@@ -38,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "max_fallback_rate": 0.5,
         "fallback_rate_after": 4,
         "max_tokens_param": "max_tokens",
-        "backoff": {"attempts": 5, "initial_s": 1.0, "max_s": 30.0, "multiplier": 2.0},
+        "backoff": dict(BACKOFF),
         "max_tokens": {"type_selection": 48, "object_selection": 24, "memory_update": 160},
         "stop": ["\n"],
         "choice": "scored",  # the local controller scores the allowed candidates; text: parse its reply
@@ -62,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
     # A failed action (exception, NaN loss, out of memory, time limit) is fed back with this score; it
     # stops itself time_margin_s before its rule's runtime ends, to record the failure.
     "failures": {"score": 0.0, "time_margin_s": 60, "log_tail_lines": 30},
-    # Experiment tracking (lamdagent/tracking.py): off unless a backend is named.
+    # Experiment tracking (lamdagent/store/tracking.py): off unless a backend is named.
     "tracking": {"backend": "none", "dir": "results/tracking/tensorboard", "experiment": "lamdagent",
                  "training_curves": True},
     # retries: Snakemake reruns a job that failed for infrastructure reasons (killed, node lost).
@@ -79,15 +86,6 @@ DEFAULTS: dict[str, Any] = {
         "import_model": {"gpu": 0, "cpus_per_gpu": 1, "threads": 2, "mem_mb": 16000, "runtime": 60, "retries": 2},
     },
 }
-
-
-class ConfigError(ValueError):
-    """A config problem, phrased as ``config: <key>: <what is wrong>``."""
-
-    def __init__(self, key: str, problem: str):
-        # Whatever a message quotes, a key pasted into the config is masked (it may reach a cluster log).
-        super().__init__(redact(f"config: {key}: {problem}"))
-        self.key = redact(key)
 
 
 def _merge_defaults(config: dict, defaults: dict) -> dict:
@@ -161,28 +159,19 @@ def load(config: dict, workdir: str | Path = ".") -> dict:
                                                 "vLLM and no test runs it; use 'hf'")
     _schema_check(config)
     config = _merge_defaults(config, DEFAULTS)
-    _custom_actions(config, Path(workdir))
+    custom.check_entries(config, Path(workdir))
     check(config, Path(workdir))
     _check_tracking(config)
-    _study_defaults(config)
+    study_defaults.fill(config)
     return config
 
 
 def _check_tracking(config: dict) -> None:
-    from .tracking import check as tracking_problem
+    from lamdagent.store.tracking import check as tracking_problem
 
     problem = tracking_problem(config)
     if problem is not None:
         raise ConfigError(f"tracking.{problem[0]}", problem[1])
-
-
-def slot_kinds(config: dict) -> dict[str, str]:
-    """Kind of every object type that fills a slot ("model", "dataset", "preference_dataset", "number", "weights")."""
-    kinds: dict[str, str] = {}
-    for action, object_types in config["action_types"].items():
-        for slot, object_type in zip(ACTIONS[action].slots, object_types):
-            kinds.setdefault(object_type, slot.kind)
-    return kinds
 
 
 def slots_of(action: str):
@@ -314,7 +303,7 @@ def check(config: dict, workdir: Path) -> None:
         elif source == "local":
             if "path" not in spec:
                 raise ConfigError(f"{key}.path", "missing (a JSONL or parquet file)")
-            from .datasets import check_local_dataset  # noqa: PLC0415 - imports pandas only when needed
+            from lamdagent.data.datasets import check_local_dataset  # noqa: PLC0415 - imports pandas only when needed
 
             check_local_dataset(workdir / spec["path"], spec.get("fields"), key, preference=is_preference(spec))
         elif source == "hub":
@@ -346,9 +335,9 @@ def check(config: dict, workdir: Path) -> None:
         if task.get("kind") == "judge" and task.get("source") not in ("local", "hub"):
             raise ConfigError(f"{key}.kind", "a judged task reads its prompts from your data: give `source: local|hub`")
         if task.get("source") in ("local", "hub"):
-            _check_file_task(task, key, config, workdir)
+            check_file_task(task, key, config, workdir)
         elif "lm_eval_task" in task:
-            _check_lm_eval_task(task, key)
+            check_lm_eval_task(task, key)
         elif task["task"] not in TASKS:
             raise ConfigError(f"{key}.task", f"unknown task {task['task']!r}: embedded tasks are {', '.join(TASKS)}; "
                                              "other tasks need `source: local|hub` or `lm_eval_task`")
@@ -357,7 +346,7 @@ def check(config: dict, workdir: Path) -> None:
         if weight == "auto" and "max" not in task and metric.split(",")[0] not in METRIC_MAX:
             raise ConfigError(f"{key}.weight", f"`auto` needs the range of metric {metric!r}: give `max` or a number")
 
-    _check_lm_eval_names(config, workdir)
+    check_lm_eval_names(config, workdir)
 
     # An action must keep some of its runtime after the margin in which it records its failure.
     margin = config["failures"]["time_margin_s"]
@@ -379,148 +368,6 @@ def check(config: dict, workdir: Path) -> None:
         model = controller["model"]
         if model not in config["models"] and not (workdir / model / "config.json").is_file():
             raise ConfigError("controller.model", f"{model!r} is neither a model under `models` nor a model directory")
-
-
-def _check_file_task(task: dict, key: str, config: dict, workdir: Path) -> None:
-    """A task read from a local file or the hub: its keys; for local files, the rows and the
-    disjointness of validation and the other splits (hub data is checked by prepare_eval_task)."""
-    import re
-
-    if task["task"] in TASKS:
-        raise ConfigError(f"{key}.task", f"{task['task']!r} is an embedded task; name your own task otherwise")
-    if not re.fullmatch(r"[A-Za-z0-9_]+", task["task"]):
-        raise ConfigError(f"{key}.task", "a task with its own data is named by letters, digits and _ only")
-    for other in ("lm_eval_task", "allow_same_split"):
-        if other in task:
-            raise ConfigError(f"{key}.{other}", f"only for lm-eval task names, not with source {task['source']!r}")
-    where = "path" if task["source"] == "local" else "split"
-    if "splits" in task and where in task:
-        raise ConfigError(f"{key}.splits", f"give either `splits` or `{where}`, not both")
-    if task["source"] == "local" and "splits" not in task and "path" not in task:
-        raise ConfigError(f"{key}.path", "missing (a JSONL or parquet file, or `splits: {val: F1, test: F2}`)")
-    if task["source"] == "hub" and "repo" not in task:
-        raise ConfigError(f"{key}.repo", "missing (the hub dataset id)")
-    kind = task.setdefault("kind", "generate")
-    if kind == "generate":
-        task.setdefault("extract", "text")
-        if task.get("metric", "exact_match") != "exact_match":
-            raise ConfigError(f"{key}.metric", "a generated-answer task is scored by exact_match")
-    else:
-        if task.setdefault("metric", "rating") != "rating":
-            raise ConfigError(f"{key}.metric", "a judged task is scored by rating (1-10)")
-        judge = config["evaluation"].get("judge")
-        if not judge:
-            raise ConfigError("evaluation.judge", f"missing: {key} is graded by a judge (model, base_url, api_key_env)")
-    if task["source"] == "local":
-        from .eval_data import EvalDataError, load_splits  # noqa: PLC0415 - reads the files only when needed
-
-        try:
-            load_splits(task, config["data"], config["seed"], workdir)
-        except EvalDataError as err:
-            raise ConfigError(f"{key}.{'splits' if 'splits' in task else 'path'}", str(err)) from None
-
-
-def _check_lm_eval_task(task: dict, key: str) -> None:
-    names = task["lm_eval_task"]
-    if names.get("test") and names["test"] == names["val"] and not task.get("allow_same_split"):
-        raise ConfigError(f"{key}.lm_eval_task", f"val and test are the same task and split {names['val']!r}: the "
-                                                 "search would select on its test set; hold out a validation "
-                                                 "split (or set allow_same_split: true)")
-
-
-def _check_lm_eval_names(config: dict, workdir: Path) -> None:
-    """Every lm_eval_task name is one lm-eval knows (ours, evaluation.include_paths, its own)."""
-    include = config["evaluation"]["include_paths"]
-    for index, path in enumerate(include):
-        if not (workdir / path).is_dir():
-            raise ConfigError(f"evaluation.include_paths[{index}]", f"{workdir / path} is not a directory")
-    named = [(index, split, name) for index, task in enumerate(config["eval_tasks"])
-             for split, name in (task.get("lm_eval_task") or {}).items()]
-    if not named:
-        return
-    from .evaluate import unknown_tasks  # noqa: PLC0415 - lm-eval is imported only for lm-eval task names
-
-    unknown = set(unknown_tasks([name for _, _, name in named], [workdir / p for p in include],
-                                cache_dir=workdir / ".snakemake" / "lamdagent"))
-    for index, split, name in named:
-        if name in unknown:
-            raise ConfigError(f"eval_tasks[{index}].lm_eval_task.{split}",
-                              f"unknown lm-eval task {name!r} (not built in, nor under evaluation.include_paths)")
-
-
-CUSTOM_RESOURCES = {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240, "retries": 2}
-
-
-def _custom_actions(config: dict, workdir: Path) -> None:
-    """Check config's ``custom_actions``, hash their code into ``code`` and register them as actions.
-
-    Each becomes a rule of its own name, with ``resources.<name>`` (defaults < its own ``resources``
-    < the top-level ``resources.<name>``).
-    """
-    for name, entry in config["custom_actions"].items():
-        key = f"custom_actions.{name}"
-        if name in BUILTIN_ACTIONS:
-            raise ConfigError(key, f"{name!r} is a built-in action; give yours another name")
-        if name in custom.WORKFLOW_RULES:
-            raise ConfigError(key, f"{name!r} is the name of a workflow rule; give the action another name")
-        if not name.isidentifier() or not name.isascii() or name.startswith("_"):
-            raise ConfigError(key, "an action name is a Python-style identifier (letters, digits, _), e.g. orpo")
-        names = []
-        for index, slot in enumerate(entry["slots"]):
-            slot_key = f"{key}.slots[{index}]"
-            if slot["kind"] not in SLOT_KINDS:
-                raise ConfigError(f"{slot_key}.kind", f"unknown slot kind {slot['kind']!r}; known: {', '.join(SLOT_KINDS)}")
-            if not slot["name"].isidentifier() or slot["name"] in custom.TEMPLATE_FIELDS:
-                raise ConfigError(f"{slot_key}.name", f"{slot['name']!r} must be an identifier other than "
-                                                      f"{', '.join(custom.TEMPLATE_FIELDS)}")
-            if slot["name"] in names:
-                raise ConfigError(f"{slot_key}.name", f"duplicate slot {slot['name']!r}")
-            names.append(slot["name"])
-        params = entry.get("params") or {}
-        for param in params:
-            if param in names or param in custom.TEMPLATE_FIELDS or not param.isidentifier():
-                raise ConfigError(f"{key}.params.{param}", "must be an identifier that is neither a slot nor "
-                                                           f"{', '.join(custom.TEMPLATE_FIELDS)}")
-        if ("command" in entry) == ("entry_point" in entry):
-            raise ConfigError(key, "give exactly one of `command` (a template) or `entry_point` (package.module:function)")
-        if "command" in entry:
-            try:
-                fields = custom.template_fields(entry["command"])
-            except ValueError as err:
-                raise ConfigError(f"{key}.command", f"not a valid template: {err}") from None
-            for field in fields:
-                if field not in names and field not in params and field not in custom.TEMPLATE_FIELDS:
-                    raise ConfigError(f"{key}.command", f"{{{field}}} is not a slot of {name} (slots: {', '.join(names)}; "
-                                                        f"also {', '.join('{' + f + '}' for f in custom.TEMPLATE_FIELDS)})")
-            if "output" not in fields:
-                raise ConfigError(f"{key}.command", "never names {output}, the directory the model is saved to")
-            script = custom.script_of(entry)
-            script_key = f"{key}.script" if "script" in entry else f"{key}.command"
-            if script is None:
-                raise ConfigError(f"{key}.script", "missing: name the file the command runs (its sha256 enters the "
-                                                   "model ids)")
-            path = workdir / script
-            if not path.is_file():
-                raise ConfigError(script_key, f"script {script} not found (looked in {workdir.resolve()})")
-        else:
-            found = custom.module_file(entry["entry_point"], workdir)
-            if found is None:
-                raise ConfigError(f"{key}.entry_point", f"module {entry['entry_point'].partition(':')[0]!r} not "
-                                                        f"found (importable from {workdir.resolve()} or the environment)")
-            path = Path(found)
-        if "conda" in entry:
-            conda = (workdir / entry["conda"]).resolve()
-            if not conda.is_file():
-                raise ConfigError(f"{key}.conda", f"{conda} is not a file (a conda env YAML)")
-            entry["conda"] = str(conda)
-        code = custom.code_identity(entry, path)
-        if "entry_point" in entry:  # recorded relative to the workdir where it can be, so a moved checkout keeps ids
-            code["module_file"] = os.path.relpath(path.resolve(), workdir.resolve()) \
-                if path.resolve().is_relative_to(workdir.resolve()) else str(path.resolve())
-        entry["code"] = code
-        config["resources"][name] = {**CUSTOM_RESOURCES, **entry.get("resources", {}),
-                                     **config["resources"].get(name, {})}
-    register_custom_actions(config)
 
 
 def _check_proposals(config: dict) -> None:
@@ -550,7 +397,7 @@ def _check_recipe_models(config: dict, kinds: dict[str, str]) -> None:
         for index, (slot, value) in enumerate(zip(spec.slots, recipe["objects"])):
             _check_value(slot.kind, value, f"{key}.objects[{index}]", config, slot)
         if spec.family == "merge":
-            from .actions import is_valid_combination  # noqa: PLC0415
+            from lamdagent.actions.registry import is_valid_combination  # noqa: PLC0415
 
             if not is_valid_combination(action, tuple(recipe["objects"])):
                 raise ConfigError(f"{key}.objects", "a merge needs two different models, neither of them the base")
@@ -562,66 +409,3 @@ def _arity(spec) -> str:
     names = ", ".join(s.name + (" (optional)" if s.optional else "") for s in spec.slots)
     count = f"{spec.required}" if spec.required == len(spec.slots) else f"{spec.required} to {len(spec.slots)}"
     return f"{count} object types ({names})"
-
-
-def recipe_order(config: dict, name: str, _visiting: tuple = ()) -> list[str]:
-    """Named models in the order they must be resolved (parents first); a cycle is a config error."""
-    if name in _visiting:
-        raise ConfigError(f"models.{name}.recipe", f"cycle: {' -> '.join(_visiting + (name,))}")
-    recipe = config["models"][name].get("recipe")
-    order: list[str] = []
-    if recipe:
-        for slot, value in zip(ACTIONS[recipe["action"]].slots, recipe["objects"]):
-            if slot.kind == "model":
-                order += [m for m in recipe_order(config, value, _visiting + (name,)) if m not in order]
-    return order + [name]
-
-
-def _study_defaults(config: dict) -> None:
-    """Fill and check the `scaling` and `baselines` sections (read only by their own targets).
-
-    Their defaults come from the rest of the config: the exploration's top-k, its base model,
-    its named recipe models as specialists, the agent's own TIES candidates, the same budget.
-    """
-    scaling = config.setdefault("scaling", {})
-    if "factors" in scaling and "examples" in scaling:
-        raise ConfigError("scaling.examples", "give either `factors` or `examples`, not both")
-    if "examples" not in scaling:
-        scaling.setdefault("factors", [1, 2, 4, 6])
-    scaling.setdefault("top_k", config["report"]["top_k"])
-    if "model" in scaling:
-        base = scaling["model"]["base"]
-        if base not in config["models"] or "recipe" in config["models"][base]:
-            raise ConfigError("scaling.model.base", f"{base!r} is not a base model (with a `source`) under `models`")
-        scaling["model"].setdefault("ranks", [])
-
-    baselines = config.setdefault("baselines", {})
-    kinds = slot_kinds(config)
-    # The built-ins' slots only: a custom action's `weights` or `learning_rate` is not the baselines' TIES or SFT.
-    objects_of = {slot.name: config["objects"][object_type]
-                  for action, object_types in config["action_types"].items() if action in BUILTIN_ACTIONS
-                  for slot, object_type in zip(ACTIONS[action].slots, object_types)}
-    bases = [m for m in config["models"] if "recipe" not in config["models"][m]]
-    base = baselines.setdefault("base", next((m for t, v in config["objects"].items() if kinds.get(t) == "model"
-                                              for m in v if m in bases), bases[0]))
-    if base not in bases:
-        raise ConfigError("baselines.base", f"{base!r} is not a base model (with a `source`) under `models`")
-    specialists = baselines.setdefault("specialists", [m for m in config["models"] if "recipe" in config["models"][m]])
-    for index, name in enumerate(specialists):
-        if "recipe" not in config["models"].get(name, {}):
-            raise ConfigError(f"baselines.specialists[{index}]", f"{name!r} is not a recipe model under `models`")
-    full = baselines.get("full_sft")
-    if full:
-        if full["dataset"] not in config["datasets"]:
-            raise ConfigError("baselines.full_sft.dataset", f"{full['dataset']!r} is not a dataset under `datasets`")
-        if "learning_rate" not in full:
-            if "learning_rate" not in objects_of:
-                raise ConfigError("baselines.full_sft.learning_rate", "missing (no sft learning rate among the objects)")
-            full["learning_rate"] = objects_of["learning_rate"][0]
-    ties = baselines.setdefault("ties", {})
-    for key in ("weights", "density"):
-        if objects_of.get(key):  # no ties_merging action among the agent's: no grid (and no empty list to validate)
-            ties.setdefault(key, list(objects_of[key]))
-    random = baselines.setdefault("random", {})
-    if random is not False:
-        random.setdefault("iterations", config["iterations"])

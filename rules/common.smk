@@ -3,20 +3,21 @@ import os
 import sys
 
 import lamdagent.config
-import lamdagent.contamination
-from lamdagent.actions import ACTIONS, DATASET_KINDS
-from lamdagent.fileio import read_json
-from lamdagent.objects import Pool
-from lamdagent.plan import dag_recursion_limit, step_entries
-from lamdagent.prune import is_pruned
-from lamdagent.recipe import RecipeStore, is_built_id
-from lamdagent.score import scoring_spec, split_tasks
+import lamdagent.evaluation.contamination
+from lamdagent.actions.registry import ACTIONS, DATASET_KINDS, slot_kinds
+from lamdagent.store.fileio import read_json
+from lamdagent.agent.objects import Pool
+from lamdagent.agent.plan import dag_recursion_limit, step_entries
+from lamdagent.lineage.prune import is_pruned
+from lamdagent.store.recipes import RecipeStore
+from lamdagent.actions.registry import is_built_id
+from lamdagent.evaluation.score import scoring_spec, split_tasks
 
 # A bad config stops here, at parse time, before any job: one line naming the key. So does training
-# data that holds evaluation prompts (lamdagent.contamination; counts cached for the re-parse of every cluster job).
+# data that holds evaluation prompts (lamdagent.evaluation.contamination; counts cached for the re-parse of every cluster job).
 try:
     config.update(lamdagent.config.load(config, workdir=os.getcwd()))
-    lamdagent.contamination.guard(config, workdir=os.getcwd(), cache_dir=".snakemake/lamdagent")
+    lamdagent.evaluation.contamination.guard(config, workdir=os.getcwd(), cache_dir=".snakemake/lamdagent")
 except lamdagent.config.ConfigError as err:
     raise WorkflowError(str(err)) from None
 
@@ -123,7 +124,7 @@ def dataset_inputs(wildcards):
 
 
 def used_datasets():
-    kinds = lamdagent.config.slot_kinds(config)
+    kinds = slot_kinds(config)
     names = {v for t, values in config["objects"].items() if kinds.get(t) in DATASET_KINDS for v in values}
     for spec in config["models"].values():
         if "recipe" in spec:
@@ -204,7 +205,7 @@ def evaluate_inputs(wildcards):
 
 def judged_tasks(split):
     """{lm-eval task: its data file} of the judged tasks evaluated on ``split``."""
-    from lamdagent.score import lm_eval_tasks
+    from lamdagent.evaluation.score import lm_eval_tasks
 
     judged = {}
     for task in config["eval_tasks"]:
@@ -229,8 +230,8 @@ def judge_inputs(wildcards):
 
 def fetched_lm_eval_tasks(split):
     """The lm-eval task names of ``split`` whose data rule fetch_lm_eval_task loads first (not ours)."""
-    from lamdagent.evaluate import own_task_names
-    from lamdagent.score import split_tasks
+    from lamdagent.evaluation.evaluate import own_task_names
+    from lamdagent.evaluation.score import split_tasks
 
     ours = own_task_names()
     named = [task for task in config["eval_tasks"] if "lm_eval_task" in task]
@@ -372,7 +373,7 @@ def leaderboard_frame():
 
 
 def resized_dataset_inputs(wildcards):
-    from lamdagent.datasets import per_task_examples
+    from lamdagent.data.datasets import per_task_examples
 
     spec = config["datasets"][wildcards.dataset]
     if spec["source"] == "embedded":
@@ -383,7 +384,7 @@ def resized_dataset_inputs(wildcards):
 
 def replay_data_inputs(wildcards):
     """The resized datasets the top-k's recipe trees need at every size (read from their recipes)."""
-    from lamdagent import scaling
+    from lamdagent.studies import scaling
 
     board = leaderboard_frame()
     files = set()
@@ -425,7 +426,7 @@ def baseline_dataset_inputs(wildcards):
 
 
 def baseline_models():
-    from lamdagent.fileio import read_json as read
+    from lamdagent.store.fileio import read_json as read
 
     return [e["model"] for e in read(checkpoints.baseline_recipes.get().output.recipes)]
 

@@ -19,7 +19,7 @@ rule import_model:
         "../scripts/import_model.py"
 
 
-# One rule per action of the registry (lamdagent/actions.py: the built-ins, then config's custom_actions),
+# One rule per action of the registry (lamdagent/actions/registry.py: the built-ins, then config's custom_actions),
 # named after it, so profiles address each by name (set-resources: sft: ...). A model's id starts with
 # its action's name; the recipe it was proposed with says what the job runs.
 for action, spec in ACTIONS.items():
@@ -45,7 +45,7 @@ for action, spec in ACTIONS.items():
             "../scripts/build_model.py"
 
 
-# keep_top_k removes the weights of models outside the top-k (lamdagent/prune.py); a job that needs
+# keep_top_k removes the weights of models outside the top-k (lamdagent/lineage/prune.py); a job that needs
 # them again depends on this flag, which rebuilds them in place from the recipe (sha256 checked).
 rule restore_model:
     input:

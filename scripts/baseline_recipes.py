@@ -1,10 +1,10 @@
-"""Snakemake rule `baseline_recipes`: see lamdagent.study_jobs.baseline_recipes."""
+"""Snakemake rule `baseline_recipes`: see lamdagent.workflow.baselines.baseline_recipes."""
 import sys
 from pathlib import Path
 
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent import study_jobs  # noqa: E402
+from lamdagent.workflow import baselines  # noqa: E402
 
-study_jobs.baseline_recipes(snakemake)  # noqa: F821
+baselines.baseline_recipes(snakemake)  # noqa: F821

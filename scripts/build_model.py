@@ -1,10 +1,10 @@
-"""Snakemake rule of every action (sft, ties_merging, ..., a custom action): see lamdagent.jobs.build_model."""
+"""Snakemake rule of every action (sft, ties_merging, ..., a custom action): see lamdagent.workflow.models.build_model."""
 import sys
 from pathlib import Path
 
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent import jobs  # noqa: E402
+from lamdagent.workflow import models  # noqa: E402
 
-jobs.build_model(snakemake)  # noqa: F821
+models.build_model(snakemake)  # noqa: F821

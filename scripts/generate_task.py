@@ -1,10 +1,10 @@
-"""Snakemake rule `generate_task`: see lamdagent.jobs.generate_task."""
+"""Snakemake rule `generate_task`: see lamdagent.workflow.data.generate_task."""
 import sys
 from pathlib import Path
 
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent import jobs  # noqa: E402
+from lamdagent.workflow import data  # noqa: E402
 
-jobs.generate_task(snakemake)  # noqa: F821
+data.generate_task(snakemake)  # noqa: F821

@@ -1,10 +1,10 @@
-"""Snakemake rule `generate_train`: see lamdagent.study_jobs.generate_train."""
+"""Snakemake rule `generate_train`: see lamdagent.workflow.scaling.generate_train."""
 import sys
 from pathlib import Path
 
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent import study_jobs  # noqa: E402
+from lamdagent.workflow import scaling  # noqa: E402
 
-study_jobs.generate_train(snakemake)  # noqa: F821
+scaling.generate_train(snakemake)  # noqa: F821

@@ -1,10 +1,10 @@
-"""Snakemake rule `import_model`: see lamdagent.jobs.import_model."""
+"""Snakemake rule `import_model`: see lamdagent.workflow.models.import_model."""
 import sys
 from pathlib import Path
 
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent import jobs  # noqa: E402
+from lamdagent.workflow import models  # noqa: E402
 
-jobs.import_model(snakemake)  # noqa: F821
+models.import_model(snakemake)  # noqa: F821

@@ -1,10 +1,10 @@
-"""Snakemake rule `init_pool`: see lamdagent.jobs.init_pool."""
+"""Snakemake rule `init_pool`: see lamdagent.workflow.agent.init_pool."""
 import sys
 from pathlib import Path
 
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent import jobs  # noqa: E402
+from lamdagent.workflow import agent  # noqa: E402
 
-jobs.init_pool(snakemake)  # noqa: F821
+agent.init_pool(snakemake)  # noqa: F821

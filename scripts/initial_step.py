@@ -1,10 +1,10 @@
-"""Snakemake rule `initial_step`: see lamdagent.jobs.initial_step."""
+"""Snakemake rule `initial_step`: see lamdagent.workflow.agent.initial_step."""
 import sys
 from pathlib import Path
 
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent import jobs  # noqa: E402
+from lamdagent.workflow import agent  # noqa: E402
 
-jobs.initial_step(snakemake)  # noqa: F821
+agent.initial_step(snakemake)  # noqa: F821

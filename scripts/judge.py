@@ -1,10 +1,10 @@
-"""Snakemake rule `judge`: see lamdagent.jobs.judge."""
+"""Snakemake rule `judge`: see lamdagent.workflow.evaluate.judge."""
 import sys
 from pathlib import Path
 
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent import jobs  # noqa: E402
+from lamdagent.workflow import evaluate  # noqa: E402
 
-jobs.judge(snakemake)  # noqa: F821
+evaluate.judge(snakemake)  # noqa: F821

@@ -1,10 +1,10 @@
-"""Snakemake rule `leaderboard`: see lamdagent.jobs.leaderboard."""
+"""Snakemake rule `leaderboard`: see lamdagent.workflow.report.leaderboard."""
 import sys
 from pathlib import Path
 
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent import jobs  # noqa: E402
+from lamdagent.workflow import report  # noqa: E402
 
-jobs.leaderboard(snakemake)  # noqa: F821
+report.leaderboard(snakemake)  # noqa: F821

@@ -1,10 +1,10 @@
-"""Snakemake rule `random_baseline`: see lamdagent.study_jobs.random_baseline."""
+"""Snakemake rule `random_baseline`: see lamdagent.workflow.baselines.random_baseline."""
 import sys
 from pathlib import Path
 
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent import study_jobs  # noqa: E402
+from lamdagent.workflow import baselines  # noqa: E402
 
-study_jobs.random_baseline(snakemake)  # noqa: F821
+baselines.random_baseline(snakemake)  # noqa: F821

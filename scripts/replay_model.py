@@ -1,10 +1,10 @@
-"""Snakemake rule `replay_model`: see lamdagent.study_jobs.replay_model."""
+"""Snakemake rule `replay_model`: see lamdagent.workflow.scaling.replay_model."""
 import sys
 from pathlib import Path
 
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent import study_jobs  # noqa: E402
+from lamdagent.workflow import scaling  # noqa: E402
 
-study_jobs.replay_model(snakemake)  # noqa: F821
+scaling.replay_model(snakemake)  # noqa: F821

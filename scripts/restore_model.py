@@ -1,10 +1,10 @@
-"""Snakemake rule `restore_model`: see lamdagent.jobs.restore_model."""
+"""Snakemake rule `restore_model`: see lamdagent.workflow.models.restore_model."""
 import sys
 from pathlib import Path
 
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent import jobs  # noqa: E402
+from lamdagent.workflow import models  # noqa: E402
 
-jobs.restore_model(snakemake)  # noqa: F821
+models.restore_model(snakemake)  # noqa: F821

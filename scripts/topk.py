@@ -1,10 +1,10 @@
-"""Snakemake rule `topk`: see lamdagent.jobs.topk."""
+"""Snakemake rule `topk`: see lamdagent.workflow.report.topk."""
 import sys
 from pathlib import Path
 
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent import jobs  # noqa: E402
+from lamdagent.workflow import report  # noqa: E402
 
-jobs.topk(snakemake)  # noqa: F821
+report.topk(snakemake)  # noqa: F821

@@ -1,10 +1,10 @@
-"""Snakemake rule `update_memory`: see lamdagent.jobs.update_memory."""
+"""Snakemake rule `update_memory`: see lamdagent.workflow.agent.update_memory."""
 import sys
 from pathlib import Path
 
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent import jobs  # noqa: E402
+from lamdagent.workflow import agent  # noqa: E402
 
-jobs.update_memory(snakemake)  # noqa: F821
+agent.update_memory(snakemake)  # noqa: F821

@@ -33,7 +33,7 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's tokenizer (read once from the embedded GGUF; converting it takes seconds)."""
     from transformers import AutoTokenizer
 
-    from lamdagent.models import smollm2_gguf_path
+    from lamdagent.actions.models import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     out = tmp_path_factory.mktemp("smollm2-tokenizer")
@@ -44,7 +44,7 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     """A tiny randomly initialised Llama (HF directory) with SmolLM2's tokenizer."""
-    from lamdagent.models import build_tiny_llama
+    from lamdagent.actions.models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer_source=smollm2_tokenizer_dir)
 

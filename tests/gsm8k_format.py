@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lamdagent.tasks import generate
+from lamdagent.data.tasks import generate
 
 
 def gsm8k_rows(split: str, n: int, seed: int = 0) -> list[dict]:

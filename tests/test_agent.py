@@ -4,13 +4,14 @@ import re
 
 import pytest
 
-from lamdagent.agent import CallLog, action_space, propose, seeded_rng
-from lamdagent.controller import Completion, ControllerRejected, ControllerUnavailable
-from lamdagent.memory import update_memory
-from lamdagent.objects import Pool, recipe_for
-from lamdagent.parsing import parse_choice, parse_objects
-from lamdagent.prompts import memory_update, object_selection, type_selection
-from lamdagent.recipe import RecipeStore, make_recipe, model_id
+from lamdagent.actions.recipe import make_recipe
+from lamdagent.agent.controller import Completion, ControllerRejected, ControllerUnavailable
+from lamdagent.agent.memory import update_memory
+from lamdagent.agent.objects import Pool, recipe_for
+from lamdagent.agent.parsing import parse_choice, parse_objects
+from lamdagent.agent.prompts import memory_update, object_selection, type_selection
+from lamdagent.agent.propose import CallLog, action_space, propose, seeded_rng
+from lamdagent.store.recipes import RecipeStore, model_id
 
 
 class Scripted:

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from lamdagent.baselines import baseline_recipes, random_run_config, table1
+from lamdagent.agent.objects import Pool
 from lamdagent.config import load
-from lamdagent.objects import Pool
-from lamdagent.recipe import RecipeStore
+from lamdagent.store.recipes import RecipeStore
+from lamdagent.studies.baselines import baseline_recipes, random_run_config, table1
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -92,7 +92,7 @@ def test_fallbacks_count_the_steps_whose_choice_was_not_the_llms(tmp_path):
 def test_runs_share_the_content_addressed_folders(tmp_path):
     from search_efficiency import share_store
 
-    from lamdagent.baselines import SHARED_DIRS
+    from lamdagent.studies.baselines import SHARED_DIRS
 
     store = tmp_path / "store"
     for run in ("random-seed0", "transformers-seed0"):
@@ -108,7 +108,7 @@ def test_runs_share_the_content_addressed_folders(tmp_path):
 def test_each_run_gets_its_own_hard_linked_copy_of_the_store(tmp_path):
     from search_efficiency import clone_store
 
-    from lamdagent.fileio import atomic_write_text
+    from lamdagent.store.fileio import atomic_write_text
 
     store = tmp_path / "store"
     (store / "models" / "m1").mkdir(parents=True)

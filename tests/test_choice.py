@@ -2,12 +2,13 @@
 of the models the agent made (issues 16 and 25)."""
 
 import pytest
-
-from lamdagent.agent import CallLog, propose, propose_many
-from lamdagent.controller import OptionScores
-from lamdagent.prompts import results_block
-from lamdagent.recipe import RecipeStore, make_recipe, model_id
 from test_agent import DATASETS, GENERALIST, SPECIALIST, Scripted, config, pool, specialist
+
+from lamdagent.actions.recipe import make_recipe
+from lamdagent.agent.controller import OptionScores
+from lamdagent.agent.prompts import results_block
+from lamdagent.agent.propose import CallLog, propose, propose_many
+from lamdagent.store.recipes import RecipeStore, model_id
 
 # A model the agent made in iteration 1: in the pool by its hash only, as the workflow adds it.
 MADE_RECIPE = make_recipe("sft", (SPECIALIST, "all", 1e-5), datasets=DATASETS, training={"epochs": 1}, merging={},
@@ -143,7 +144,7 @@ def test_candidates_are_listed_in_a_seeded_permutation_and_mapped_back(tmp_path)
 def test_local_model_scores_with_the_shared_prompt_cache_equal_full_passes(tiny_model_dir):
     import torch
 
-    from lamdagent.controller import TransformersController
+    from lamdagent.agent.controller import TransformersController
 
     controller = TransformersController(model_dir=str(tiny_model_dir))
     controller.OPTIONS_PER_BATCH = 2  # several batches, uneven lengths
@@ -164,7 +165,7 @@ def test_local_model_scores_with_the_shared_prompt_cache_equal_full_passes(tiny_
 
 
 def test_local_controller_chooses_with_no_fallback(tmp_path, tiny_model_dir):
-    from lamdagent.controller import make_controller
+    from lamdagent.agent.controller import make_controller
 
     controller = make_controller({"type": "transformers"}, model_dir=str(tiny_model_dir), seed=7)
     store = RecipeStore(tmp_path)
@@ -197,7 +198,7 @@ def memory_config(choice):
 
 
 def test_structured_memory_takes_the_numbers_from_the_records_and_the_judgement_from_scores():
-    from lamdagent.memory import update_memory
+    from lamdagent.agent.memory import update_memory
 
     scorer = Scorer(["ties_merging", "m1"])
     log = CallLog()
@@ -216,7 +217,7 @@ def test_structured_memory_takes_the_numbers_from_the_records_and_the_judgement_
 
 
 def test_structured_memory_in_text_counts_an_unparsable_judgement_and_keeps_the_facts():
-    from lamdagent.memory import update_memory
+    from lamdagent.agent.memory import update_memory
 
     log = CallLog()
     text, fallback = update_memory(config=memory_config("text"), memory="old", history=MEMORY_HISTORY, new=STEP,
@@ -238,7 +239,7 @@ def test_auto_structured_turns_to_text_for_the_rest_of_the_job_on_a_400_saying_u
     from conftest import ServedModel
     from test_faults import FaultProxy
 
-    from lamdagent.controller import OpenAIController
+    from lamdagent.agent.controller import OpenAIController
 
     monkeypatch.setenv("LAMDAGENT_CHOICE_KEY", "sk-choice-test")
     server = ServedModel(tiny_model_dir, tmp_path / "serve").start()

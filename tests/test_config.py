@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lamdagent.config import ConfigError, load
+from lamdagent.config import load
+from lamdagent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -122,8 +123,8 @@ def test_local_dataset_with_field_mapping_is_accepted(default_config, tmp_path):
 
 
 def test_embedded_multi_task_dataset_interleaves_tasks(tmp_path):
-    from lamdagent.datasets import prepare
-    from lamdagent.fileio import read_jsonl, write_jsonl
+    from lamdagent.data.datasets import prepare
+    from lamdagent.store.fileio import read_jsonl, write_jsonl
 
     files = []
     for task in ("a", "b"):
@@ -185,8 +186,8 @@ def test_bad_wide_config_names_the_key(wide_config, path, value, key):
 
 
 def test_local_preference_dataset_with_field_mapping(wide_config, tmp_path):
-    from lamdagent.datasets import prepare
-    from lamdagent.fileio import read_jsonl
+    from lamdagent.data.datasets import prepare
+    from lamdagent.store.fileio import read_jsonl
 
     data = tmp_path / "prefs.jsonl"
     data.write_text('{"q": "1+1?", "good": "2", "bad": "3", "extra": 1}\n')
@@ -202,9 +203,9 @@ def test_local_preference_dataset_with_field_mapping(wide_config, tmp_path):
 
 
 def test_embedded_preference_dataset_is_deterministic(tmp_path):
-    from lamdagent.datasets import prepare
-    from lamdagent.fileio import read_jsonl
-    from lamdagent.tasks import write_splits
+    from lamdagent.data.datasets import prepare
+    from lamdagent.data.tasks import write_splits
+    from lamdagent.store.fileio import read_jsonl
 
     spec = {"source": "embedded", "kind": "preference", "tasks": ["arith", "choice"]}
     entries = []

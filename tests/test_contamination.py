@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lamdagent import contamination
-from lamdagent.config import ConfigError, load
-from lamdagent.contamination import ContaminationError, guard
-from lamdagent.datasets import prepare
-from lamdagent.eval_data import task_yaml
-from lamdagent.fileio import write_jsonl
-from lamdagent.tasks import generate, write_splits
+from lamdagent.config import load
+from lamdagent.data.datasets import prepare
+from lamdagent.data.tasks import generate, write_splits
+from lamdagent.errors import ConfigError
+from lamdagent.evaluation import contamination
+from lamdagent.evaluation.contamination import ContaminationError, guard
+from lamdagent.evaluation.eval_data import task_yaml
+from lamdagent.store.fileio import write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 UNRELATED = [{"prompt": "Name a colour of the sky.", "completion": "blue"},
@@ -106,7 +107,7 @@ def test_the_cache_is_keyed_by_the_files_it_read(default_config, tmp_path):
 
 
 def test_lineage_records_zero_overlaps_for_the_embedded_default(default_config, tmp_path, monkeypatch):
-    from lamdagent.lineage import dataset_node
+    from lamdagent.lineage.records import dataset_node
 
     config = load(copy.deepcopy(default_config), REPO)
     monkeypatch.chdir(tmp_path)
@@ -120,7 +121,7 @@ def test_lineage_records_zero_overlaps_for_the_embedded_default(default_config, 
 
 
 def test_lineage_records_an_allowed_overlap(default_config, tmp_path, monkeypatch):
-    from lamdagent.lineage import dataset_node
+    from lamdagent.lineage.records import dataset_node
 
     leaked = {"prompt": _eval_prompt(default_config, "arith", "val", 2), "completion": "x"}
     config = _with_local_dataset(default_config, tmp_path, UNRELATED + [leaked],
@@ -207,7 +208,7 @@ def test_a_real_run_records_zero_overlaps_and_an_evaluation_job_stops_on_lm_eval
 
     from e2e import run_snakemake, tiny_config
 
-    from lamdagent.fileio import read_json
+    from lamdagent.store.fileio import read_json
 
     # The embedded tasks: the specialists' lineage says 0 shared rows with every evaluation split.
     clean = tmp_path / "clean"

@@ -16,13 +16,17 @@ from types import SimpleNamespace
 import jsonschema
 import pytest
 import yaml
-
 from e2e import REPO, run_snakemake, tiny_config
-from lamdagent import custom, failures, jobs, prompts
-from lamdagent.actions import ACTIONS, BUILTIN_ACTIONS
-from lamdagent.config import DEFAULTS, ConfigError, load
-from lamdagent.fileio import atomic_write_json, read_json, sha256_file
-from lamdagent.recipe import make_recipe, model_id
+
+from lamdagent.actions import custom, failures
+from lamdagent.actions.recipe import make_recipe
+from lamdagent.actions.registry import ACTIONS, BUILTIN_ACTIONS
+from lamdagent.agent import prompts
+from lamdagent.config import DEFAULTS, load
+from lamdagent.errors import ConfigError
+from lamdagent.store.fileio import atomic_write_json, read_json, sha256_file
+from lamdagent.store.recipes import model_id
+from lamdagent.workflow import models as model_jobs
 
 DATASETS = {"arith": {"sha256": "a" * 64, "rows": 96}, "pairs": {"sha256": "b" * 64, "rows": 32}}
 # config.DEFAULTS' training and merging sections as they were when these ids were pinned.
@@ -180,7 +184,7 @@ def run_job(tmp_path, default_config, entry, tiny_model_dir, name="copy_model") 
     config = load(with_action(default_config, name, entry), tmp_path)
     smk = custom_smk(tmp_path, config, name, tiny_model_dir)
     shutil.rmtree(tmp_path / "models", ignore_errors=True)
-    jobs.build_model(smk)
+    model_jobs.build_model(smk)
     return Path(smk.output.model)
 
 
@@ -196,7 +200,8 @@ def test_a_custom_command_makes_a_model_with_its_lineage(tmp_path, default_confi
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial")]  # renamed into place
     assert "copied" in Path(tmp_path / "logs" / "copy_model" / f"{out.name}.log").read_text()
     # Read without the config (`lamdagent lineage`), the record declares its action itself.
-    from lamdagent.lineage import load_lineage, render_tree
+    from lamdagent.lineage.cards import render_tree
+    from lamdagent.lineage.records import load_lineage
 
     del ACTIONS["copy_model"]
     assert "copy_model(tiny)" in render_tree(load_lineage(out))
@@ -223,7 +228,7 @@ def test_a_script_changed_after_the_recipe_was_made_is_refused(tmp_path, default
     smk = custom_smk(tmp_path, config, "copy_model", tiny_model_dir)
     script.write_text(COPY_SCRIPT + "# edited mid-run\n")
     with pytest.raises(RuntimeError, match="changed since this recipe was made"):
-        jobs.build_model(smk)
+        model_jobs.build_model(smk)
 
 
 def test_an_entry_point_is_called_with_its_slots_and_output(tmp_path, default_config, tiny_model_dir, monkeypatch):
@@ -299,7 +304,7 @@ def test_the_agent_runs_a_users_kto_script_and_records_a_failing_one(tmp_path, t
 
 def test_restore_rebuilds_a_custom_model_from_its_recipe(tmp_path, default_config, script, tiny_model_dir):
     """keep_top_k's restore_model (lineage.build_step) runs a custom action in-process, as its job does."""
-    from lamdagent.lineage import build_step
+    from lamdagent.lineage.rebuild import build_step
 
     config = load(with_action(default_config, "copy_model", copy_action(script)), tmp_path)
     recipe = make_recipe("copy_model", ("tiny", 1e-4), datasets={}, training=config["training"],
@@ -313,7 +318,7 @@ def test_restore_rebuilds_a_custom_model_from_its_recipe(tmp_path, default_confi
 def test_the_example_config_declares_kto_and_a_three_model_merge(tmp_path, tiny_model_dir):
     """config/examples/custom-action.yaml: KTO from a script, a mergekit merge of three models from an
     entry point (run here on three copies of the tiny model)."""
-    from lamdagent.actions import count_actions
+    from lamdagent.actions.registry import count_actions
 
     config = load(yaml.safe_load((REPO / "config" / "examples" / "custom-action.yaml").read_text()), REPO)
     assert config["custom_actions"]["kto"]["code"]["sha256"] == sha256_file(REPO / "examples" / "actions" / "kto.py")

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from gsm8k_format import gsm8k_rows, write_gsm8k
-from lamdagent import eval_data
-from lamdagent.config import ConfigError, load
-from lamdagent.fileio import read_jsonl
-from lamdagent.score import lm_eval_tasks
+
+from lamdagent.config import load
+from lamdagent.errors import ConfigError
+from lamdagent.evaluation import eval_data
+from lamdagent.evaluation.score import lm_eval_tasks
+from lamdagent.store.fileio import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = {"train_examples": 8, "val_examples": 5, "test_examples": 7}
@@ -175,7 +176,7 @@ def test_judge_task_needs_a_judge_and_is_scored_out_of_ten(tmp_path, default_con
     config = with_task(default_config, judged)
     config["evaluation"] = {"judge": {"model": "gpt-4o", "api_key_env": "JUDGE_KEY"}}
     task = load(config, REPO)["eval_tasks"][-1]
-    from lamdagent.score import alpha
+    from lamdagent.evaluation.score import alpha
 
     assert task["metric"] == "rating" and alpha(task) == pytest.approx(0.1)
     with pytest.raises(ConfigError, match=r"eval_tasks\[1\]\.kind"):
@@ -183,7 +184,7 @@ def test_judge_task_needs_a_judge_and_is_scored_out_of_ten(tmp_path, default_con
 
 
 def test_judge_prompt_and_rating_format():
-    from lamdagent.judge import judge_prompt, parse_rating
+    from lamdagent.evaluation.judge import judge_prompt, parse_rating
 
     prompt = judge_prompt("What is 2+3?", "5")
     assert "[Question]\nWhat is 2+3?" in prompt and "[The Start of Assistant's Answer]\n5\n" in prompt
@@ -207,7 +208,7 @@ def test_split_prompts_of_a_users_lm_eval_task(tmp_path, default_config):
 
 def test_contamination_guard_reads_local_eval_tasks(tmp_path, default_config):
     """Training on the file a local eval task holds out is caught by the guard (issue 24) before any job."""
-    from lamdagent.contamination import ContaminationError, guard
+    from lamdagent.evaluation.contamination import ContaminationError, guard
 
     test = write_gsm8k(tmp_path / "test.jsonl", "test", 20)
     config = with_task({**default_config, "data": DATA},

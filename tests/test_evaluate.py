@@ -1,19 +1,13 @@
-"""lamdagent.evaluate: a real lm-eval run on the tiny random model, and the pure helpers."""
+"""lamdagent.evaluation.evaluate: a real lm-eval run on the tiny random model, and the pure helpers."""
 
 from __future__ import annotations
 
 import pytest
 
-from lamdagent.evaluate import (
-    TASKS_DIR,
-    evaluate,
-    model_args,
-    needs_default_tasks,
-    own_task_names,
-    task_metric,
-)
-from lamdagent.fileio import read_json, read_jsonl
-from lamdagent.tasks import TASKS, write_splits
+from lamdagent.data.tasks import TASKS, write_splits
+from lamdagent.evaluation.evaluate import (TASKS_DIR, evaluate, model_args, needs_default_tasks, own_task_names,
+                                           task_metric)
+from lamdagent.store.fileio import read_json, read_jsonl
 
 
 def test_own_task_names_are_the_nine_yaml_tasks():

@@ -1,6 +1,6 @@
 """Failing actions become feedback, not a crash (and infrastructure failures are retried, not recorded).
 
-The unit tests run the real child process of an action (``python -m lamdagent.failures``) on the
+The unit tests run the real child process of an action (``python -m lamdagent.actions.failures``) on the
 tiny model; the end-to-end test runs the workflow with a learning rate that makes SFT diverge.
 """
 
@@ -19,18 +19,23 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from e2e import communicate_bounded, run_snakemake, snakemake_command, subprocess_env, tiny_config
 
-from e2e import run_snakemake, snakemake_command, subprocess_env, tiny_config, communicate_bounded
-from lamdagent import failures, jobs, prompts
-from lamdagent.config import DEFAULTS, ConfigError, load
-from lamdagent.fileio import atomic_write_json, read_json, write_jsonl
-from lamdagent.figures import step_points
-from lamdagent.memory import summary_memory, update_memory
-from lamdagent.objects import Pool
-from lamdagent.plan import plan_entry, write_plan
-from lamdagent.recipe import make_recipe, model_id
-from lamdagent.report import leaderboard_table
-from lamdagent.train import TrainingDiverged
+from lamdagent.actions import failures
+from lamdagent.actions.recipe import make_recipe
+from lamdagent.actions.train import TrainingDiverged
+from lamdagent.agent import prompts
+from lamdagent.agent.memory import summary_memory, update_memory
+from lamdagent.agent.objects import Pool
+from lamdagent.agent.plan import plan_entry, write_plan
+from lamdagent.config import DEFAULTS, load
+from lamdagent.errors import ConfigError
+from lamdagent.report.figures import step_points
+from lamdagent.report.leaderboard import leaderboard_table
+from lamdagent.store.fileio import atomic_write_json, read_json, write_jsonl
+from lamdagent.store.recipes import model_id
+from lamdagent.workflow import agent as agent_jobs
+from lamdagent.workflow import models as model_jobs
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = [{"prompt": f"What is {a} plus {a + 1}?", "completion": str(2 * a + 1)} for a in range(16)]
@@ -102,7 +107,7 @@ def test_an_exception_in_the_action_is_recorded_with_the_log_tail(tmp_path, tiny
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
     smk = sft_smk(tmp_path, tiny_model_dir, bad)
-    jobs.build_model(smk)  # the job itself succeeds: Snakemake keeps the record and does not retry it
+    model_jobs.build_model(smk)  # the job itself succeeds: Snakemake keeps the record and does not retry it
     record = only_failure_record(Path(smk.output.model))
     assert record["kind"] == "error" and record["status"] == "failed" and record["action"] == "sft"
     assert record["reason"].startswith("ValueError: ") and "bad.jsonl:2: 'completion'" in record["reason"]
@@ -116,7 +121,7 @@ def test_a_time_limit_is_recorded_and_the_child_is_stopped(tmp_path, tiny_model_
     # runtime 1 min less a 58.5 s margin: the action has 1.5 s, less than loading torch and the model takes.
     smk = sft_smk(tmp_path, tiny_model_dir, data, runtime=1, margin=58.5)
     started = time.monotonic()
-    jobs.build_model(smk)
+    model_jobs.build_model(smk)
     assert time.monotonic() - started < 1.5 + failures.STOP_GRACE_S
     record = only_failure_record(Path(smk.output.model))
     assert record["kind"] == "time_limit" and record["reason"].startswith("time limit: stopped after")
@@ -141,7 +146,7 @@ def test_a_merge_that_succeeds_in_its_child_is_a_model(tmp_path, tiny_model_dir)
                               model_a=str(parents["a"]), model_b=str(parents["b"])),
         output=SimpleNamespace(model=str(tmp_path / "models" / model_id(recipe))),
         log=[str(tmp_path / "logs" / "ties.log")], wildcards=SimpleNamespace(hash=model_id(recipe)[-16:]))
-    jobs.build_model(smk)
+    model_jobs.build_model(smk)
     out = Path(smk.output.model)
     assert failures.read_failure(out) is None and (out / "config.json").is_file() and (out / "lineage.json").is_file()
     assert read_json(out / "lineage.json")["run"]["metrics"]["method"] == "ties"
@@ -153,7 +158,7 @@ def test_a_failed_input_model_fails_the_action_unrun(tmp_path, tiny_model_dir):
     data = tmp_path / "train.jsonl"
     write_jsonl(data, ROWS)
     smk = sft_smk(tmp_path, parent, data)
-    jobs.build_model(smk)
+    model_jobs.build_model(smk)
     record = only_failure_record(Path(smk.output.model))
     assert record["kind"] == "input_failed" and record["reason"] == f"its input model {parent.name} failed: {REASON}"
     assert not list(Path(smk.log[0]).parent.glob("*.args.json"))  # no child was started
@@ -181,7 +186,7 @@ def test_the_child_dies_with_its_job(tmp_path):
     pid_file = tmp_path / "child.pid"
     child = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
                                    "time.sleep(120)"]
-    job = (f"from lamdagent import failures; failures.run_action({child!r}, metrics_json={str(tmp_path / 'm')!r}, "
+    job = (f"from lamdagent.actions import failures; failures.run_action({child!r}, metrics_json={str(tmp_path / 'm')!r}, "
            f"failure_json={str(tmp_path / 'f')!r}, deadline=300, out_dir={str(tmp_path / 'out')!r})")
     parent = subprocess.Popen([sys.executable, "-c", job], env=dict(os.environ, PYTHONPATH=str(REPO)))
     deadline = time.monotonic() + 60
@@ -208,7 +213,7 @@ def failed_step(iteration=1, model="sft-aaaaaaaaaaaaaaaa") -> dict:
     proposal = {"iteration": iteration, "model": model, "action": "sft", "pipeline": "sft(base, arith)",
                 "objects": {"model": "base"}, "controller": "random", "fallback": {}, "repeat_of": None}
     outcome = {"models": {model: {"status": "failed", "failure": dict(FAILURE, model=model)}}}
-    return jobs._apply_outcome(proposal, outcome, CONFIG, {})
+    return agent_jobs._apply_outcome(proposal, outcome, CONFIG, {})
 
 
 def test_a_failed_step_gets_the_failure_score_reason_and_log_tail(tmp_path):
@@ -252,12 +257,12 @@ def test_memory_update_notes_the_failure_score():
             self.prompts = []
 
         def complete(self, prompt, **kwargs):
-            from lamdagent.controller import Completion
+            from lamdagent.agent.controller import Completion
 
             self.prompts.append(prompt)
             return Completion(text="What worked: base. Avoid lr 1e10.", tokens_in=1, tokens_out=1, latency_s=0.0)
 
-    from lamdagent.agent import CallLog
+    from lamdagent.agent.propose import CallLog
 
     echo = Echo()
     config = {"memory": {"max_words": 40, "style": "free"}, "eval_tasks": [{"task": "arith"}],
@@ -268,12 +273,12 @@ def test_memory_update_notes_the_failure_score():
 
 
 def test_with_k_proposals_only_the_failed_one_counts_as_failed():
-    from lamdagent.memory import step_note
+    from lamdagent.agent.memory import step_note
 
     built = "sft-bbbbbbbbbbbbbbbb"
     outcome = {"models": {FAILURE["model"]: {"status": "failed", "failure": FAILURE}, built: {"status": "done"}}}
     score = {"s_multi": 0.4, "tasks": {"arith": 0.4}}
-    records = [jobs._apply_outcome({"iteration": 1, "index": i, "model": m, "action": "sft", "pipeline": f"p{i}"},
+    records = [agent_jobs._apply_outcome({"iteration": 1, "index": i, "model": m, "action": "sft", "pipeline": f"p{i}"},
                                    outcome, CONFIG, {built: score}) for i, m in enumerate([FAILURE["model"], built])]
     assert [r["status"] for r in records] == ["failed", "done"] and records[1]["score"] == score
     assert records[0]["score"]["s_multi"] == -1.0
@@ -296,7 +301,7 @@ def test_failed_models_leave_the_pool_and_the_reports(tmp_path, monkeypatch):
     atomic_write_json("results/agent/iter_1/step.json", dict(failed_step(1), score={"s_multi": 9.0, "tasks": {}}))
     atomic_write_json("results/agent/iter_2/step.json", dict(done, iteration=2, model="sft-3333333333333333",
                                                              pipeline="sft(special)"))
-    loaded, history = jobs._load_pool_and_history(None, 2)
+    loaded, history = agent_jobs._load_pool_and_history(None, 2)
     assert loaded.candidates["models"] == [base, special, "sft-3333333333333333"]
     assert loaded.candidates["base_models"] == [base]
     assert [h["status"] for h in history] == ["done", "done", "failed", "failed", "done"]

@@ -20,21 +20,21 @@ import subprocess
 import threading
 import time
 
+import e2e
 import openai
 import pytest
 from conftest import ServedModel
-import e2e
 from e2e import run_snakemake, snakemake_command, write_tiny_config
 from test_agent import config as agent_config
 from test_agent import pool, specialist
 from test_workflow import check_plan_agrees_with_results
 
-from lamdagent.actions import enumerate_actions
-from lamdagent.agent import CallLog, propose
-from lamdagent.controller import Backoff, ControllerRejected, ControllerUnavailable, OpenAIController
-from lamdagent.fallbacks import FallbackRateExceeded, check_fallback_rate
-from lamdagent.objects import recipe_for
-from lamdagent.recipe import RecipeStore, model_id
+from lamdagent.actions.registry import enumerate_actions
+from lamdagent.agent.controller import Backoff, ControllerRejected, ControllerUnavailable, OpenAIController
+from lamdagent.agent.fallbacks import FallbackRateExceeded, check_fallback_rate
+from lamdagent.agent.objects import recipe_for
+from lamdagent.agent.propose import CallLog, propose
+from lamdagent.store.recipes import RecipeStore, model_id
 
 KEY_ENV = "LAMDAGENT_FAULTS_KEY"
 FAST = {"initial_s": 0.01, "max_s": 0.05, "multiplier": 2.0}  # real backoff, tiny waits

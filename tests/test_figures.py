@@ -16,11 +16,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from lamdagent.config import ConfigError, load
-from lamdagent.costs import costs_table
-from lamdagent.figures import binned_scores, pipeline_tree, step_points, write_figures
-from lamdagent.recipe import RecipeStore, make_recipe
-from lamdagent.report import leaderboard_table
+from lamdagent.actions.recipe import make_recipe
+from lamdagent.config import load
+from lamdagent.errors import ConfigError
+from lamdagent.report.costs import costs_table
+from lamdagent.report.figures import binned_scores, pipeline_tree, step_points, write_figures
+from lamdagent.report.leaderboard import leaderboard_table
+from lamdagent.store.recipes import RecipeStore
 
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = {"arith": {"sha256": "a" * 64, "rows": 16}, "choice": {"sha256": "c" * 64, "rows": 16},

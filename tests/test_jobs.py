@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = """
 import json, sys
 from types import SimpleNamespace
-from lamdagent.jobs import job_context
+from lamdagent.workflow.common import job_context
 smk = SimpleNamespace(rule=sys.argv[1], log=[sys.argv[2]], threads=1, config={"controller": {"type": sys.argv[3]}})
 with job_context(smk):
     pass

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lamdagent.launch import distributed_command, gpu_count
+from lamdagent.actions.launch import distributed_command, gpu_count
 
 
 @pytest.mark.parametrize("resources, expected", [
@@ -31,28 +31,28 @@ def test_gpu_count_rejects_bad_values(resources):
 
 @pytest.mark.parametrize("n", [0, 1])
 def test_single_device_runs_in_process(n):
-    assert distributed_command(n, "lamdagent.train", ["--args-json", "a.json"]) is None
+    assert distributed_command(n, "lamdagent.actions.train", ["--args-json", "a.json"]) is None
 
 
 def test_multi_gpu_command_is_standalone_torchrun():
-    cmd = distributed_command(4, "lamdagent.train", ["--args-json", "a.json"])
+    cmd = distributed_command(4, "lamdagent.actions.train", ["--args-json", "a.json"])
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in cmd and "--nproc-per-node=4" in cmd and "--nnodes=1" in cmd
     # the module and its own arguments come last, after all launcher flags
-    assert cmd[-4:] == ["-m", "lamdagent.train", "--args-json", "a.json"]
+    assert cmd[-4:] == ["-m", "lamdagent.actions.train", "--args-json", "a.json"]
     assert not any(part.startswith("--master-port") for part in cmd)
 
 
 def test_main_port_pins_static_rendezvous():
-    cmd = distributed_command(2, "lamdagent.train", [], main_port=29611)
+    cmd = distributed_command(2, "lamdagent.actions.train", [], main_port=29611)
     assert "--master-port=29611" in cmd and "--standalone" not in cmd
     with pytest.raises(ValueError):
-        distributed_command(2, "lamdagent.train", [], main_port=70000)
+        distributed_command(2, "lamdagent.actions.train", [], main_port=70000)
 
 
 def test_bad_module_name_is_rejected():
     with pytest.raises(ValueError):
-        distributed_command(2, "lamdagent/train.py", [])
+        distributed_command(2, "lamdagent/actions/train.py", [])
 
 
 def test_torchrun_accepts_the_command_line(tmp_path):

@@ -15,12 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from lamdagent import lineage as lin
+from lamdagent.actions.recipe import make_recipe
 from lamdagent.cli import main
-from lamdagent.datasets import dataset_entry, prepare
-from lamdagent.fileio import sha256_file
-from lamdagent.recipe import RecipeStore, make_recipe
-from lamdagent.tasks import write_splits
+from lamdagent.data.datasets import dataset_entry, prepare
+from lamdagent.data.tasks import write_splits
+from lamdagent.lineage.clock import GpuMeter, busy_seconds, measure
+from lamdagent.lineage.rebuild import build_step, rebuild, recorded_save_dtype
+from lamdagent.lineage.records import load_lineage, parent_node, record_base, refresh_card
+from lamdagent.lineage.tree import rebuild_plan
+from lamdagent.lineage.verify import verify
+from lamdagent.store.fileio import sha256_file
+from lamdagent.store.recipes import RecipeStore
 
 LAMDAGENT = str(Path(sys.executable).with_name("lamdagent"))
 TRAINING = {"epochs": 1, "batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 256, "precision": "fp32",
@@ -58,7 +63,7 @@ def chain(tmp_path_factory, tiny_model_dir):
         parents = {slot: dirs[recipe["inputs"][slot]] for slot in model_slots}
         datasets = {slot: paths[recipe["inputs"][slot]["name"]] for slot in data_slots}
         dirs[model] = results / "models" / model
-        lin.build_step(recipe, parents, datasets, dirs[model], config)
+        build_step(recipe, parents, datasets, dirs[model], config)
         return model
 
     spec_a = build("sft", ["tiny", "arith", 1e-3])
@@ -70,7 +75,7 @@ def chain(tmp_path_factory, tiny_model_dir):
 
 
 def test_record_holds_the_whole_tree(chain):
-    record = lin.load_lineage(chain["final"])
+    record = load_lineage(chain["final"])
     spec_a, spec_b, merged, final = chain["ids"]
     assert record["model"] == final and record["kind"] == "built"
     assert record["files"]["model.safetensors"]["sha256"] == sha256_file(chain["final"] / "model.safetensors")
@@ -86,7 +91,7 @@ def test_record_holds_the_whole_tree(chain):
     assert record["determinism"]["bit_reproducible"] is True
     assert record["run"]["cpu_s"] > 0 and record["run"]["ended"] >= record["run"]["started"]
     assert record["code"]["git_commit"] and record["packages"]["torch"] and record["hardware"]["torch_device"] == "cpu"
-    assert [n["model"] for n in lin.rebuild_plan(record)] == [spec_a, spec_b, merged, final]
+    assert [n["model"] for n in rebuild_plan(record)] == [spec_a, spec_b, merged, final]
 
     card = (chain["final"] / "README.md").read_text()
     front = card.split("---")[1]
@@ -143,7 +148,7 @@ def test_rebuild_in_a_fresh_results_dir_is_bit_identical(chain, tmp_path, capsys
     # The datasets were generated again from the recorded task names, seed and sizes, not copied.
     assert sha256_file(fresh / "datasets" / "all.jsonl") == sha256_file(chain["results"] / "datasets" / "all.jsonl")
     assert (fresh / "data" / "arith" / "train.jsonl").is_file()
-    assert lin.verify(fresh / "models" / chain["ids"][3]) == []
+    assert verify(fresh / "models" / chain["ids"][3]) == []
 
 
 def test_card_gains_scores_without_touching_hashes_or_snakemake_dates(chain, tmp_path):
@@ -155,23 +160,23 @@ def test_card_gains_scores_without_touching_hashes_or_snakemake_dates(chain, tmp
     val = {"split": "val", "tasks": {"arith": 0.25, "choice": 0.5}, "weights": {"arith": 1, "choice": 1},
            "s_multi": 0.75}
     test = {"split": "test", "tasks": {"arith": 0.2, "choice": 0.4, "arith_ood": 0.1}, "s_multi": 0.6}
-    assert lin.refresh_card(model, {"validation": val, "test": test})
+    assert refresh_card(model, {"validation": val, "test": test})
     card = (model / "README.md").read_text()
     assert "| task | validation | test |" in card
     assert "| arith | 0.25 | 0.2 |" in card and "| arith_ood |  | 0.1 |" in card and "| **s_multi** | 0.75 | 0.6 |" in card
-    assert lin.verify(model) == []
+    assert verify(model) == []
     assert (model / ".snakemake_timestamp").stat().st_mtime_ns == stamp
     # A directory without a lineage record (a user's local model) is never written to.
-    assert not lin.refresh_card(chain["tiny"], {"validation": val})
+    assert not refresh_card(chain["tiny"], {"validation": val})
 
 
 def test_a_base_model_directory_carries_its_own_record(chain, tmp_path, capsys):
     base = tmp_path / "base"
     shutil.copytree(chain["tiny"], base)
     spec = {"source": "hub", "repo": "org/tiny", "revision": "abc123"}
-    with lin.measure() as usage:
+    with measure() as usage:
         pass
-    record = lin.record_base(base, "tiny-base", spec, usage)
+    record = record_base(base, "tiny-base", spec, usage)
     assert record["kind"] == "base" and record["source"] == spec and record["run"]["wall_s"] >= 0
     assert record["files"]["model.safetensors"]["sha256"] == sha256_file(base / "model.safetensors")
     card = (base / "README.md").read_text()
@@ -181,19 +186,19 @@ def test_a_base_model_directory_carries_its_own_record(chain, tmp_path, capsys):
     (base / "model.safetensors").write_bytes(b"corrupt")
     assert main(["lineage", str(base), "--verify"]) != 0
     # A model built on it embeds the base's own record as its parent.
-    assert lin.parent_node("tiny-base", base, None)["source"] == spec
+    assert parent_node("tiny-base", base, None)["source"] == spec
 
 
 def test_busy_gpu_seconds_integrate_utilisation_over_time():
     samples = [(0.0, [100.0, 50.0]), (2.0, [0.0, 100.0]), (3.0, [0.0, 0.0])]
-    assert lin.busy_seconds(samples) == pytest.approx(2 * 1.5 + 1 * 1.0)
-    assert lin.busy_seconds(samples[:1]) == 0.0
+    assert busy_seconds(samples) == pytest.approx(2 * 1.5 + 1 * 1.0)
+    assert busy_seconds(samples[:1]) == 0.0
 
 
 def test_gpu_meter_samples_until_stopped_and_says_why_when_it_cannot():
     import time
 
-    meter = lin.GpuMeter(sample=lambda: [100.0], interval_s=0.01).start()
+    meter = GpuMeter(sample=lambda: [100.0], interval_s=0.01).start()
     time.sleep(0.1)
     usage = meter.stop()
     assert len(meter.samples) >= 3 and usage["gpu_util_mean"] == [100.0]
@@ -202,7 +207,7 @@ def test_gpu_meter_samples_until_stopped_and_says_why_when_it_cannot():
     def no_nvml():
         raise ModuleNotFoundError("No module named 'pynvml'")
 
-    usage = lin.GpuMeter(sample=no_nvml, interval_s=0.01).start().stop()
+    usage = GpuMeter(sample=no_nvml, interval_s=0.01).start().stop()
     assert usage["gpu_busy_s"] is None and "pynvml" in usage["gpu_busy_s_is"]
 
 
@@ -222,13 +227,13 @@ def test_a_bf16_base_trains_into_bf16_weights_recorded_and_rebuilt_bit_identical
     assert "save_dtype" not in recipe["params"]  # the default stays out of the recipe and the id
     model = RecipeStore(results / "recipes").save(recipe)
     out = tmp_path / "models" / model
-    record = lin.build_step(recipe, {"model": base}, {"dataset": dataset}, out, config)
-    assert record["run"]["metrics"]["save_dtype"] == "bfloat16" and lin.recorded_save_dtype(record) == "bfloat16"
+    record = build_step(recipe, {"model": base}, {"dataset": dataset}, out, config)
+    assert record["run"]["metrics"]["save_dtype"] == "bfloat16" and recorded_save_dtype(record) == "bfloat16"
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert record["determinism"]["bit_reproducible"]  # CPU fp32 training; rounding to bf16 is deterministic
 
     fresh = tmp_path / "fresh"
-    report = lin.rebuild(record, fresh, say=lambda *_: None)
+    report = rebuild(record, fresh, say=lambda *_: None)
     assert [step["identical"] for step in report] == [True]
     assert sha256_file(fresh / "models" / model / "model.safetensors") == sha256_file(out / "model.safetensors")
 
@@ -236,4 +241,4 @@ def test_a_bf16_base_trains_into_bf16_weights_recorded_and_rebuilt_bit_identical
     # rebuild writes float32 again, so its recorded hashes still hold.
     old = json.loads(json.dumps(record))
     del old["run"]["metrics"]["save_dtype"]
-    assert lin.recorded_save_dtype(old) == "float32"
+    assert recorded_save_dtype(old) == "float32"

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lamdagent.fileio import read_json
-from lamdagent.merge import ties_merge
+from lamdagent.actions.merge import ties_merge
+from lamdagent.store.fileio import read_json
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -134,8 +134,8 @@ def test_stale_gguf_quantization_config_is_dropped(tiny_model_dir, tuned_dir, tm
 
 # ---- the other mergekit methods ----------------------------------------------------------------
 
-from lamdagent.fileio import sha256_file  # noqa: E402
-from lamdagent.merge import build_merge_config, merge  # noqa: E402
+from lamdagent.actions.merge import build_merge_config, merge  # noqa: E402
+from lamdagent.store.fileio import sha256_file  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from e2e import run_snakemake, tiny_config
 from gsm8k_format import write_gsm8k
-from lamdagent.fileio import read_json, read_jsonl
+
+from lamdagent.store.fileio import read_json, read_jsonl
 
 GSM = {"fields": {"prompt": "question", "answer": "answer"}, "extract": "final_number", "max_gen_toks": 16}
 

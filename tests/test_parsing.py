@@ -1,6 +1,6 @@
 import pytest
 
-from lamdagent.parsing import clean_memory, parse_choice, parse_objects
+from lamdagent.agent.parsing import clean_memory, parse_choice, parse_objects
 
 
 @pytest.mark.parametrize("reply,n,expected", [

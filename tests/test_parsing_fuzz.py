@@ -8,12 +8,12 @@ from hypothesis import strategies as st
 from test_agent import config as agent_config
 from test_agent import pool, specialist
 
-from lamdagent.actions import enumerate_actions
-from lamdagent.agent import CallLog, propose
-from lamdagent.controller import Completion
-from lamdagent.objects import recipe_for
-from lamdagent.parsing import clean_memory, parse_choice, parse_objects
-from lamdagent.recipe import RecipeStore, model_id
+from lamdagent.actions.registry import enumerate_actions
+from lamdagent.agent.controller import Completion
+from lamdagent.agent.objects import recipe_for
+from lamdagent.agent.parsing import clean_memory, parse_choice, parse_objects
+from lamdagent.agent.propose import CallLog, propose
+from lamdagent.store.recipes import RecipeStore, model_id
 
 FUZZ = settings(derandomize=True, max_examples=400, deadline=None)
 

@@ -1,15 +1,15 @@
 """k proposals per iteration (``proposals_per_iteration``): distinct, new, seeded, all fed to the memory."""
 
 import pytest
-
-from lamdagent.agent import CallLog, propose, propose_many
-from lamdagent.figures import binned_scores, step_points
-from lamdagent.fileio import atomic_write_json
-from lamdagent.memory import summary_memory, update_memory
-from lamdagent.plan import dag_recursion_limit, history_entries, iteration_record, step_entries, write_plan
-from lamdagent.recipe import RecipeStore
-from lamdagent.report import leaderboard_table
 from test_agent import GENERALIST, SPECIALIST, Scripted, config, pool, specialist
+
+from lamdagent.agent.memory import summary_memory, update_memory
+from lamdagent.agent.plan import dag_recursion_limit, history_entries, iteration_record, step_entries, write_plan
+from lamdagent.agent.propose import CallLog, propose, propose_many
+from lamdagent.report.figures import binned_scores, step_points
+from lamdagent.report.leaderboard import leaderboard_table
+from lamdagent.store.fileio import atomic_write_json
+from lamdagent.store.recipes import RecipeStore
 
 # Iteration 0 as the workflow records it: the base and the two specialists, sft(base, arith) and
 # sft(base, all), whose recipes are therefore known.
@@ -146,7 +146,7 @@ def test_plan_leaderboard_and_history_have_one_entry_per_model(tmp_path):
 
 def test_transformers_controller_on_the_tiny_model_gives_k_distinct_new_steps(tmp_path, tiny_model_dir):
     """The in-process controller (no API): a random tiny Llama's replies are parsed, rejected or replaced."""
-    from lamdagent.controller import make_controller
+    from lamdagent.agent.controller import make_controller
 
     controller = make_controller({"type": "transformers"}, model_dir=str(tiny_model_dir), seed=7)
     store = RecipeStore(tmp_path)
@@ -189,7 +189,6 @@ def test_k_3_models_of_an_iteration_are_built_at_the_same_time(tmp_path, tiny_mo
     import time
 
     import yaml
-
     from e2e import run_snakemake, tiny_config, write_tiny_config
 
     base = tiny_config(tiny_model_dir)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from e2e import run_snakemake
-from lamdagent.fileio import atomic_write_json, sha256_file
-from lamdagent.lineage import weight_files
-from lamdagent.prune import is_pruned, pending_models, prune, to_prune
-from lamdagent.recipe import RecipeStore
+
+from lamdagent.lineage.prune import is_pruned, pending_models, prune, to_prune
+from lamdagent.lineage.tree import weight_files
+from lamdagent.store.fileio import atomic_write_json, sha256_file
+from lamdagent.store.recipes import RecipeStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 

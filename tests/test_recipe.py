@@ -1,7 +1,8 @@
 import pytest
 
-from lamdagent.actions import count_actions, enumerate_actions
-from lamdagent.recipe import RecipeStore, make_recipe, model_id, pipeline_text
+from lamdagent.actions.recipe import make_recipe, pipeline_text
+from lamdagent.actions.registry import count_actions, enumerate_actions
+from lamdagent.store.recipes import RecipeStore, model_id
 
 DATASETS = {"arith": {"sha256": "a" * 64, "rows": 96}, "all": {"sha256": "b" * 64, "rows": 288}}
 TRAINING = {"epochs": 1, "batch_size": 8}
@@ -114,8 +115,8 @@ def test_merges_without_a_base_enumerate_distinct_pairs():
 
 
 def test_every_action_is_described_to_the_agent():
-    from lamdagent import prompts
-    from lamdagent.actions import ACTIONS
+    from lamdagent.actions.registry import ACTIONS
+    from lamdagent.agent import prompts
 
     prompt = prompts.type_selection(eval_tasks=[{"task": "arith"}], memory="m", history=[],
                                     action_types=list(ACTIONS), counts={a: 2 for a in ACTIONS})
@@ -127,7 +128,7 @@ def test_every_action_is_described_to_the_agent():
 
 
 def test_lineage_details_name_the_library_the_adapter_and_the_seeded_randomness():
-    from lamdagent.lineage import action_details, determinism
+    from lamdagent.lineage.records import action_details, determinism
 
     lora = make_recipe("sft_lora", ("m", "arith", 1e-4, 8, 16), datasets=DATASETS, training=TRAINING,
                        merging=MERGING, seed=5)
@@ -155,3 +156,34 @@ def test_the_default_save_dtype_keeps_existing_ids_and_another_one_changes_them(
         assert recipe(DEFAULTS["training"]) == recipe(before)
         as_bf16 = recipe({**DEFAULTS["training"], "save_dtype": "bfloat16"})
         assert as_bf16["params"]["save_dtype"] == "bfloat16" and model_id(as_bf16) != model_id(recipe(before))
+
+
+def test_the_default_configs_ids_are_unchanged(tmp_path):
+    """The whole path from config/config.yaml to an id, pinned: config defaults, the embedded tasks'
+    data and its hash, the pool's named recipe models, a merge and an SFT the agent may choose.
+    Computed before the package moved into subpackages (the layout issue): built models stay found.
+    test_custom_actions pins each built-in's recipe hashing on fixed settings."""
+    from pathlib import Path
+
+    import yaml
+
+    from lamdagent.agent.objects import Pool
+    from lamdagent.config import load
+    from lamdagent.data.datasets import prepare
+    from lamdagent.data.tasks import write_splits
+
+    repo = Path(__file__).resolve().parent.parent
+    config = load(yaml.safe_load((repo / "config" / "config.yaml").read_text()), repo)
+    for task in ("arith", "choice", "context"):
+        write_splits(task, tmp_path / task, {"train": config["data"]["train_examples"]}, config["seed"])
+    datasets = {name: prepare(spec, tmp_path / f"{name}.jsonl",
+                              task_train_files=[tmp_path / task / "train.jsonl" for task in spec["tasks"]])
+                for name, spec in config["datasets"].items()}
+    pool = Pool.initial(config, datasets, RecipeStore(tmp_path / "recipes"))
+    assert pool.labels == {"smollm2": "smollm2", "sft-923fa027cc8df640": "specialist-arith",
+                           "sft-8b2ad60f9c1aef9a": "specialist-choice", "sft-5bf5dd162f6bce77": "specialist-context"}
+    arith, choice = pool.candidates["models"][1:3]
+    settings = dict(datasets=datasets, training=config["training"], merging=config["merging"], seed=config["seed"])
+    ties = make_recipe("ties_merging", ("smollm2", arith, choice, [0.5, 0.5], 0.5), **settings)
+    assert model_id(ties) == "ties_merging-4c9a6ed0b63087e3"
+    assert model_id(make_recipe("sft", (arith, "all", 1e-4), **settings)) == "sft-d78ba72f938a9b1c"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from e2e import run_snakemake, tiny_config
 
-from lamdagent.fileio import read_json
+from lamdagent.store.fileio import read_json
 
 pytestmark = pytest.mark.slow
 

@@ -10,12 +10,13 @@ import pytest
 import yaml
 
 from lamdagent import config as config_mod
-from lamdagent.datasets import DatasetError, dataset_entry, per_task_examples, prepare, resize
-from lamdagent.fileio import read_jsonl
-from lamdagent.recipe import RecipeStore, make_recipe
-from lamdagent.scaling import (kendall_table, ranked_models, replay, resized_name, resized_rows, sizes, train_rows,
-                               tree_datasets)
-from lamdagent.tasks import generate
+from lamdagent.actions.recipe import make_recipe
+from lamdagent.data.datasets import DatasetError, dataset_entry, per_task_examples, prepare, resize
+from lamdagent.data.tasks import generate
+from lamdagent.store.fileio import read_jsonl
+from lamdagent.store.recipes import RecipeStore
+from lamdagent.studies.scaling import (kendall_table, ranked_models, replay, resized_name, resized_rows, sizes,
+                                       train_rows, tree_datasets)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,7 +81,7 @@ def test_resized_embedded_dataset_extends_the_exploration_one(tmp_path):
     files = {}
     for n in (20, 40):
         for task in spec["tasks"]:
-            from lamdagent.fileio import write_jsonl
+            from lamdagent.store.fileio import write_jsonl
 
             files[(task, n)] = tmp_path / f"{task}.n{n}.jsonl"
             write_jsonl(files[(task, n)], generate(task, "train", n, 0))

@@ -1,6 +1,6 @@
 import pytest
 
-from lamdagent.score import alpha, lm_eval_tasks, score
+from lamdagent.evaluation.score import alpha, lm_eval_tasks, score
 
 
 def evaluation(values: dict) -> dict:
@@ -37,8 +37,8 @@ def test_lm_eval_task_names_are_tasks_that_exist():
     import lm_eval
     import yaml
 
-    from lamdagent.eval_data import task_yaml
-    from lamdagent.evaluate import own_task_names
+    from lamdagent.evaluation.eval_data import task_yaml
+    from lamdagent.evaluation.evaluate import own_task_names
 
     arith = {"task": "arith", "metric": "exact_match"}
     assert lm_eval_tasks(arith, "val") == {"arith": "lamdagent_arith_val"}
@@ -58,7 +58,7 @@ def test_lm_eval_task_names_are_tasks_that_exist():
 
 
 def test_scoring_spec_is_what_the_score_depends_on():
-    from lamdagent.score import scoring_spec
+    from lamdagent.evaluation.score import scoring_spec
 
     auto = [{"task": "arith", "metric": "exact_match", "weight": "auto"}]
     assert scoring_spec(auto) == scoring_spec([{"task": "arith", "weight": 1.0}])

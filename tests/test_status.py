@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from e2e import communicate_bounded, snakemake_command, subprocess_env, write_tiny_config
 
 from lamdagent import cli
-from lamdagent.fileio import atomic_write_json
-from lamdagent.status import status
-
-from e2e import communicate_bounded, snakemake_command, subprocess_env, write_tiny_config
+from lamdagent.report.status import status
+from lamdagent.store.fileio import atomic_write_json
 
 LAMDAGENT = str(Path(sys.executable).with_name("lamdagent"))
 T0 = 1_800_000_000.0

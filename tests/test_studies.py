@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from e2e import run_snakemake, write_tiny_config
-from lamdagent.actions import action_spec
-from lamdagent.recipe import RecipeStore, is_built_id
-from lamdagent.scaling import tree_datasets
+
+from lamdagent.actions.registry import action_spec, is_built_id
+from lamdagent.store.recipes import RecipeStore
+from lamdagent.studies.scaling import tree_datasets
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 1500  # a few minutes on 2 idle cores; the bound is for a busy machine
@@ -22,7 +22,7 @@ TIMEOUT = 1500  # a few minutes on 2 idle cores; the bound is for a busy machine
 @pytest.fixture(scope="module")
 def explored(tmp_path_factory, tiny_model_dir, smollm2_tokenizer_dir):
     """A finished 1-iteration exploration (copied by each test) and a second, wider tiny base model."""
-    from lamdagent.models import build_tiny_llama
+    from lamdagent.actions.models import build_tiny_llama
 
     root = tmp_path_factory.mktemp("studies")
     wider = build_tiny_llama(root / "tiny-wide", tokenizer_source=smollm2_tokenizer_dir, hidden_size=48)

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from lamdagent.fileio import read_jsonl
-from lamdagent.tasks import SPLITS, TASKS, generate, write_splits
+from lamdagent.data.tasks import SPLITS, TASKS, generate, write_splits
+from lamdagent.store.fileio import read_jsonl
 
 EVAL_SPLITS = ("val", "test", "ood")
 FIELDS = {"id", "task", "split", "prompt", "completion", "answer"}
@@ -111,7 +111,7 @@ def lm_tasks(tmp_path_factory):
 
     from lm_eval.tasks import TaskManager
 
-    from lamdagent.evaluate import TASKS_DIR
+    from lamdagent.evaluation.evaluate import TASKS_DIR
 
     root = tmp_path_factory.mktemp("cwd")
     for task in TASKS:

@@ -5,15 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from e2e import tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
 from lamdagent import config as cfg
-from lamdagent import tracking
-from lamdagent.fileio import atomic_write_json, write_jsonl
-from lamdagent.train import sft
-
-from e2e import tiny_config
+from lamdagent.actions.train import sft
+from lamdagent.store import tracking
+from lamdagent.store.fileio import atomic_write_json, write_jsonl
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lamdagent.fileio import read_json, sha256_file, write_jsonl
-from lamdagent.train import TrainingDiverged, load_prompt_completion, resolve_precision, sft
+from lamdagent.actions.train import TrainingDiverged, load_prompt_completion, resolve_precision, sft
+from lamdagent.store.fileio import read_json, sha256_file, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = [{"prompt": f"What is {a} plus {a + 1}?", "completion": str(2 * a + 1), "id": a} for a in range(8)]
@@ -60,7 +60,7 @@ def test_cpu_full_logits_loss_is_trls_fused_loss(tiny_model_dir, dataset, tmp_pa
     import torch
     from safetensors.torch import load_file
 
-    import lamdagent.train as train
+    import lamdagent.actions.train as train
 
     assert train.full_logits_loss_on(device_is_cuda=False) and not train.full_logits_loss_on(device_is_cuda=True)
     kwargs = dict(learning_rate=1e-3, epochs=1, batch_size=4, max_length=64, seed=7)
@@ -155,18 +155,18 @@ def test_stale_gguf_quantization_config_is_tolerated(tiny_model_dir, dataset, tm
 
 
 def test_child_process_entry_point_matches_in_process_run(tiny_model_dir, dataset, tmp_path):
-    """``python -m lamdagent.failures --call lamdagent.train:sft`` (what a job, or torchrun, runs) trains
+    """``python -m lamdagent.actions.failures --call lamdagent.actions.train:sft`` (what a job, or torchrun, runs) trains
     for real, and a fresh process reproduces the in-process weights bit for bit."""
-    from lamdagent.failures import child_command
+    from lamdagent.actions.failures import child_command
 
     kwargs = dict(model_dir=str(tiny_model_dir), dataset_path=str(dataset), out_dir=str(tmp_path / "sub"),
                   learning_rate=1e-3, epochs=1, batch_size=4, max_length=64, seed=3)
     args_json = tmp_path / "args.json"
     args_json.write_text(json.dumps(kwargs))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = child_command("lamdagent.train:sft", args_json, tmp_path / "metrics.json", tmp_path / "failure.json",
+    command = child_command("lamdagent.actions.train:sft", args_json, tmp_path / "metrics.json", tmp_path / "failure.json",
                             threads=1)
-    done = subprocess.run([sys.executable, "-m", "lamdagent.failures", *command], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "lamdagent.actions.failures", *command], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_json(tmp_path / "metrics.json")
@@ -178,7 +178,7 @@ def test_child_process_entry_point_matches_in_process_run(tiny_model_dir, datase
 
 # ---- LoRA and DPO -------------------------------------------------------------------------------
 
-from lamdagent.train import ADAPTER_DIR, dpo, load_preference  # noqa: E402
+from lamdagent.actions.train import ADAPTER_DIR, dpo, load_preference  # noqa: E402
 
 
 def test_sft_lora_writes_a_merged_model_and_keeps_the_adapter(tiny_model_dir, dataset, tmp_path):

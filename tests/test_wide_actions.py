@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from e2e import NEW_ACTIONS, WIDE_FORCED, run_snakemake, wide_config
-from lamdagent.fileio import read_json
+
+from lamdagent.store.fileio import read_json
 
 LAMDAGENT = str(Path(sys.executable).with_name("lamdagent"))
 
