@@ -155,9 +155,9 @@ def rating_judge_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A judge that follows MT-Bench's format: the tiny model fine-tuned (by the project's own SFT) to
     close every judge prompt with "Rating: [[8]]". Small, deterministic and real: served over HTTP, it
     generates its reply token by token like any judge."""
-    from lamdagent.fileio import write_jsonl
-    from lamdagent.judge import judge_prompt
-    from lamdagent.train import sft
+    from lamdagent.store.fileio import write_jsonl
+    from lamdagent.evaluation.judge import judge_prompt
+    from lamdagent.actions.train import sft
 
     root = tmp_path_factory.mktemp("rating-judge")
     rows = [{"prompt": judge_prompt(f"What is {i} times {i + 3}?", answer, str(i * (i + 3))),
