@@ -160,12 +160,13 @@ def rating_judge_dir(tmp_path_factory, tiny_model_dir) -> Path:
     from lamdagent.actions.train import sft
 
     root = tmp_path_factory.mktemp("rating-judge")
-    rows = [{"prompt": judge_prompt(f"What is {i} times {i + 3}?", answer, str(i * (i + 3))),
-             "completion": "Rating: [[8]]"}
-            for i in range(12) for answer in (f"It is {i * (i + 3)}.", "x" * (i + 1), "")]
+    answers = ["It is 12.", "", "zq " * 9, "The answer is 40 because 5 times 8 is 40.", "?", "no", "1 2 3 4", "ok ok"]
+    rows = [{"prompt": judge_prompt("Compute this. " * (i % 4) + f"What is {i} times {i + 3}?", answers[i],
+                                    str(i * (i + 3))), "completion": "Rating: [[8]]"} for i in range(8)]
     write_jsonl(root / "train.jsonl", rows)
-    sft(tiny_model_dir, root / "train.jsonl", root / "judge", learning_rate=3e-3, epochs=12, batch_size=12,
-        max_length=384, seed=0)
+    # A constant learning rate: with the default linear decay 40 steps do not fix the reply.
+    sft(tiny_model_dir, root / "train.jsonl", root / "judge", learning_rate=1e-2, epochs=40, batch_size=8,
+        max_length=384, seed=0, lr_scheduler_type="constant")
     return root / "judge"
 
 
