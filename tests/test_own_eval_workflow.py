@@ -111,6 +111,17 @@ def test_exploration_trains_and_evaluates_from_local_gsm8k_files(tmp_path, tiny_
     assert (tmp_path / "results/leaderboard.tsv").read_text().count("\n") == len(evals) + 1
 
 
+def judged_config(tmp_path: Path, tiny_model_dir: Path, judge: dict) -> dict:
+    """The tiny model evaluated on one judged task (3 validation prompts of a GSM8k-format file)."""
+    write_gsm8k(tmp_path / "prompts.jsonl", "test", 8)
+    config = tiny_config(tiny_model_dir)
+    config["eval_tasks"] = [{"task": "mt", "kind": "judge", "source": "local", "path": "prompts.jsonl",
+                             "fields": {"prompt": "question", "answer": "answer"}, "max_gen_toks": 8}]
+    config["data"] = {"train_examples": 4, "val_examples": 3, "test_examples": 5}
+    config["evaluation"] = {"batch_size": 4, "judge": judge}
+    return config
+
+
 @pytest.mark.slow
 def test_judge_grades_through_a_real_server_and_fails_clearly_without_ratings(tmp_path, tiny_model_dir,
                                                                               openai_server, monkeypatch):
@@ -118,14 +129,9 @@ def test_judge_grades_through_a_real_server_and_fails_clearly_without_ratings(tm
     tiny random model, which never writes "[[N]]"): its replies are kept and the evaluation fails,
     once, saying so; it is never scored 0. A judge that cannot be reached fails the same way."""
     monkeypatch.setenv("JUDGE_KEY", "not-a-secret")
-    write_gsm8k(tmp_path / "prompts.jsonl", "test", 8)
-    config = tiny_config(tiny_model_dir)
-    config["eval_tasks"] = [{"task": "mt", "kind": "judge", "source": "local", "path": "prompts.jsonl",
-                             "fields": {"prompt": "question", "answer": "answer"}, "max_gen_toks": 8}]
-    config["data"] = {"train_examples": 4, "val_examples": 3, "test_examples": 5}
-    config["evaluation"] = {"batch_size": 4, "judge": {
+    config = judged_config(tmp_path, tiny_model_dir, {
         "model": str(tiny_model_dir), "base_url": openai_server, "api_key_env": "JUDGE_KEY", "max_tokens": 12,
-        "backoff": {"attempts": 2, "initial_s": 0.1, "max_s": 0.2}}}
+        "backoff": {"attempts": 2, "initial_s": 0.1, "max_s": 0.2}})
     config_path = write_config(tmp_path, config)
     result = run_snakemake(tmp_path, config_path, "--retries", "2", "results/evals/tiny/val.json",
                            timeout=600, check=False)
@@ -179,15 +185,10 @@ def test_judge_grades_every_answer_and_the_rating_is_the_score(tmp_path, tiny_mo
     from conftest import ServedModel
 
     monkeypatch.setenv("JUDGE_KEY", "judge-secret-value")
-    write_gsm8k(tmp_path / "prompts.jsonl", "test", 8)
-    config = tiny_config(tiny_model_dir)
-    config["eval_tasks"] = [{"task": "mt", "kind": "judge", "source": "local", "path": "prompts.jsonl",
-                             "fields": {"prompt": "question", "answer": "answer"}, "max_gen_toks": 8}]
-    config["data"] = {"train_examples": 4, "val_examples": 3, "test_examples": 5}
     server = ServedModel(rating_judge_dir, tmp_path).start()
     try:
-        config["evaluation"] = {"batch_size": 4, "judge": {
-            "model": str(rating_judge_dir), "base_url": server.url, "api_key_env": "JUDGE_KEY", "max_tokens": 16}}
+        config = judged_config(tmp_path, tiny_model_dir, {
+            "model": str(rating_judge_dir), "base_url": server.url, "api_key_env": "JUDGE_KEY", "max_tokens": 16})
         config_path = write_config(tmp_path, config)
         run_snakemake(tmp_path, config_path, "results/scores/tiny.json", timeout=600)
     finally:
