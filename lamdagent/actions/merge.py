@@ -104,15 +104,6 @@ def build_merge_config(method: str, base_dir, model_dirs: list, *, weights: list
     return config
 
 
-def build_ties_config(base_dir, model_dirs: list, weights: list[float], density: float, *,
-                      normalize: bool = True, dtype: str = "float32") -> dict:
-    """The mergekit configuration for a TIES merge (see :func:`build_merge_config`)."""
-    if not list(model_dirs):
-        raise ValueError("ties_merge needs at least one model to merge")
-    return build_merge_config("ties", base_dir, model_dirs, weights=weights, density=density, normalize=normalize,
-                              dtype=dtype)
-
-
 def _strip_stale_gguf_config(config_path: Path) -> bool:
     """mergekit copies the base config; a model dequantised from GGUF carries a gguf
     ``quantization_config`` that would make transformers refuse to fine-tune the merge."""

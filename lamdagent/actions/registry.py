@@ -53,9 +53,6 @@ class ActionSpec:
     fixed: dict | None = None  # custom: parameters that are not slots (config's `params`), in every recipe
     distinct_models: bool = False  # custom: combinations naming one model twice are left out
 
-    def slot_index(self, name: str) -> int:
-        return [slot.name for slot in self.slots].index(name)
-
     @property
     def required(self) -> int:
         return sum(not slot.optional for slot in self.slots)
@@ -68,6 +65,9 @@ class ActionSpec:
 
 
 _EPOCHS = Slot("epochs", "number", "the number of training epochs", optional=True)
+_TUNED = Slot("model", "model", "the model to fine-tune")
+_TRAIN_DATA = Slot("dataset", "dataset", "the training dataset")
+_LR = Slot("learning_rate", "number", "the learning rate")
 _BASE = Slot("base_model", "model", "the base model the task vectors are taken from", implied=True)
 _A = Slot("model_a", "model", "the first model to merge")
 _B = Slot("model_b", "model", "the second model to merge")
@@ -79,12 +79,7 @@ BUILTIN_ACTIONS: dict[str, ActionSpec] = {
         name="sft",
         short="sft",
         describe="supervised fine-tuning of a model on a dataset",
-        slots=(
-            Slot("model", "model", "the model to fine-tune"),
-            Slot("dataset", "dataset", "the training dataset"),
-            Slot("learning_rate", "number", "the learning rate"),
-            _EPOCHS,
-        ),
+        slots=(_TUNED, _TRAIN_DATA, _LR, _EPOCHS),
         library="trl SFTTrainer",
         family="train",
     ),
@@ -93,9 +88,9 @@ BUILTIN_ACTIONS: dict[str, ActionSpec] = {
         short="lora",
         describe="LoRA fine-tuning of a model on a dataset (a low-rank update, merged into the model)",
         slots=(
-            Slot("model", "model", "the model to fine-tune"),
-            Slot("dataset", "dataset", "the training dataset"),
-            Slot("learning_rate", "number", "the learning rate"),
+            _TUNED,
+            _TRAIN_DATA,
+            _LR,
             Slot("lora_rank", "number", "the LoRA rank", integer=True),
             Slot("lora_alpha", "number", "the LoRA alpha (the update is scaled by alpha / rank)"),
             _EPOCHS,
@@ -110,7 +105,7 @@ BUILTIN_ACTIONS: dict[str, ActionSpec] = {
         slots=(
             Slot("model", "model", "the model to train (also the frozen reference)"),
             Slot("dataset", "preference_dataset", "the preference dataset (prompt, chosen, rejected)"),
-            Slot("learning_rate", "number", "the learning rate"),
+            _LR,
             Slot("beta", "number", "the DPO beta (how far the model may move from the reference)"),
             _EPOCHS,
         ),

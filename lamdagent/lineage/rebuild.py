@@ -49,14 +49,6 @@ def sft_kwargs(recipe: dict, model_dir, dataset_path, out_dir, save_dtype: str |
     )
 
 
-def ties_kwargs(recipe: dict, base_model, model_a, model_b, out_dir) -> dict:
-    """The keyword arguments of ``lamdagent.actions.merge.ties_merge`` for a TIES recipe."""
-    params = recipe["params"]
-    return dict(base_dir=str(base_model), model_dirs=[str(model_a), str(model_b)], weights=params["weights"],
-                density=params["density"], out_dir=str(out_dir), normalize=params["normalize"],
-                dtype=params["dtype"], seed=recipe["seed"])
-
-
 def merge_kwargs(recipe: dict, parents: dict, out_dir) -> dict:
     """The keyword arguments of ``lamdagent.actions.merge.merge`` for any merge recipe (``parents``: slot -> dir)."""
     from lamdagent.actions.registry import action_spec

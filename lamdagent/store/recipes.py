@@ -43,6 +43,3 @@ class RecipeStore:
         if model_id(recipe) != model:
             raise ValueError(f"{path}: recipe content does not hash to {model!r} (file edited by hand?)")
         return recipe
-
-    def has(self, model: str) -> bool:
-        return self.path(model).exists()

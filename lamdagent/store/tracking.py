@@ -43,10 +43,6 @@ def settings(config: dict) -> dict:
     return spec
 
 
-def enabled(config: dict) -> bool:
-    return settings(config)["backend"] != "none"
-
-
 def check(config: dict) -> tuple[str, str] | None:
     """A config problem of section ``tracking`` as (key, problem), or None. Never quotes the URI: it
     may hold a secret."""
