@@ -13,6 +13,7 @@ the job ran from (mtime - s) to mtime, on the node for a SLURM job.
     .ci/slurm-up.sh                                     # as root, once
     .venv/bin/python benchmarks/cluster_latency.py --iterations 3
     .venv/bin/python benchmarks/cluster_latency.py --iterations 3 --set slurm-init-seconds-before-status-checks=2
+    .venv/bin/python benchmarks/cluster_latency.py --iterations 3 --with-build
 """
 
 from __future__ import annotations
@@ -73,28 +74,53 @@ def slurm_span(workdir: Path, rule: str, wildcards: str) -> tuple[float, float] 
     return birth_time(logs[-1]), logs[-1].stat().st_mtime
 
 
+def group_span(workdir: Path, model: str) -> tuple[float, float] | None:
+    """(start, end) of the one SLURM job that built ``model`` and evaluated it (evaluation.with_build:
+    a group job, its log under slurm_logs/group_build_and_evaluate_<rules>/); None without one."""
+    for log in sorted((workdir / ".snakemake" / "slurm_logs").glob("group_build_and_evaluate_*/**/*.log"),
+                      key=lambda p: int(p.stem)):
+        text = log.read_text(errors="replace")
+        if f"wildcards: model={model}, split=val" in text and f"results/models/{model}" in text:
+            return birth_time(log), log.stat().st_mtime
+    return None
+
+
 def iteration_chain(workdir: Path, iteration: int) -> list[dict]:
     """The jobs of one iteration in the order they depend on each other, with their spans."""
     results = workdir / "results"
     bench = results / "benchmarks"
     entries = step_entries(read_json(results / "agent" / f"iter_{iteration}" / "proposal.json"))
-    chain = [("propose", None, bench / "agent" / f"propose_{iteration}.tsv")]
+    local = lambda path: lambda: job_span(path)  # noqa: E731
+    chain = [("propose", "local", local(bench / "agent" / f"propose_{iteration}.tsv"),
+              [bench / "agent" / f"propose_{iteration}.tsv"])]
+    grouped = {entry["model"]: group_span(workdir, entry["model"]) for entry in entries}
     for entry in entries:  # with k > 1 the k builds (and evaluations) run side by side
-        action, digest = entry["model"].rsplit("-", 1)
-        chain.append((f"build {action}", (action, digest), bench / action / f"{digest}.tsv"))
-    chain.append(("outcome", None, bench / "agent" / f"outcome_{iteration}.tsv"))
+        model = entry["model"]
+        action, digest = model.rsplit("-", 1)
+        build, evaluation = bench / action / f"{digest}.tsv", bench / "evaluate" / f"{model}.val.tsv"
+        if grouped[model]:
+            chain.append(("build+evaluate val", "slurm", lambda span=grouped[model]: span, [build, evaluation]))
+        else:
+            chain.append((f"build {action}", "slurm", lambda a=action, d=digest: slurm_span(workdir, a, d), [build]))
+    chain.append(("outcome", "local", local(bench / "agent" / f"outcome_{iteration}.tsv"),
+                  [bench / "agent" / f"outcome_{iteration}.tsv"]))
     for entry in entries:
-        chain.append(("evaluate val", ("evaluate", f"{entry['model']}_val"), bench / "evaluate" / f"{entry['model']}.val.tsv"))
+        if not grouped[entry["model"]]:
+            evaluation = bench / "evaluate" / f"{entry['model']}.val.tsv"
+            chain.append(("evaluate val", "slurm", lambda m=entry["model"]: slurm_span(workdir, "evaluate", f"{m}_val"),
+                          [evaluation]))
     for entry in entries:
-        chain.append(("score", None, bench / "score" / f"{entry['model']}.tsv"))
-    chain.append(("update_memory", None, bench / "agent" / f"memory_{iteration}.tsv"))
+        chain.append(("score", "local", local(bench / "score" / f"{entry['model']}.tsv"),
+                      [bench / "score" / f"{entry['model']}.tsv"]))
+    chain.append(("update_memory", "local", local(bench / "agent" / f"memory_{iteration}.tsv"),
+                  [bench / "agent" / f"memory_{iteration}.tsv"]))
     jobs = []
-    for stage, slurm, path in chain:
-        span = slurm_span(workdir, *slurm) if slurm else job_span(path)
+    for stage, where, span_of, benches in chain:
+        span = span_of()
         if span is None:  # a repeated recipe builds nothing
             continue
-        jobs.append({"iteration": iteration, "stage": stage, "where": "slurm" if slurm else "local",
-                     "start": span[0], "end": span[1], "run_s": run_seconds(path)})
+        jobs.append({"iteration": iteration, "stage": stage, "where": where, "start": span[0], "end": span[1],
+                     "run_s": sum(run_seconds(path) for path in benches if path.is_file())})
     return jobs
 
 
@@ -142,6 +168,7 @@ def run(args) -> Path:
     model = build_tiny_models(scratch / "models")[0]
     config = tiny_config(model, iterations=args.iterations)
     config["proposals_per_iteration"] = args.k
+    config["evaluation"]["with_build"] = args.with_build
     config_path = workdir / "config.yaml"
     config_path.write_text(json.dumps(config))
     overrides = [f"--{item.split('=', 1)[0]}={item.split('=', 1)[1]}" for item in args.set]
@@ -165,6 +192,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--k", type=int, default=1, help="proposals_per_iteration")
     parser.add_argument("--profile", default="profiles/slurm-ci")
+    parser.add_argument("--with-build", action="store_true",
+                        help="evaluation.with_build: each build and its validation evaluation in one SLURM job")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a Snakemake option over the profile's, e.g. seconds-between-status-checks=2")
     parser.add_argument("--scratch", default="/tmp/lamdagent-cluster-latency")

@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
                  "save_dtype": "auto"},
     "merging": {"dtype": "float32", "normalize": True},
     "evaluation": {"batch_size": 16, "backend": "hf", "limit": None, "device": "auto", "dtype": "auto",
-                   "include_paths": []},
+                   "include_paths": [], "with_build": False},
     # Prices default to 0 (the embedded agent runs locally); set them for an API model and rented GPUs.
     "report": {"top_k": 3, "every_k": 5,
                "prices": {"input_per_1m_tokens": 0.0, "output_per_1m_tokens": 0.0, "gpu_hour": 0.0, "cpu_hour": 0.0}},

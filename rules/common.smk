@@ -29,6 +29,10 @@ sys.setrecursionlimit(dag_recursion_limit(ITERATIONS, sys.getrecursionlimit()))
 TOP_K = config["report"]["top_k"]
 # Built models are named <action>-<16 hex>; every other model directory is a named import.
 BUILT_ID = "|".join(f"{action}-" for action in ACTIONS)
+# evaluation.with_build: the action rules and evaluate share one Snakemake group, so on a cluster a
+# candidate's build and its validation evaluation (both asked for by the outcome checkpoint) are one
+# job: one queue wait and one status poll instead of two. Local runs ignore groups.
+BUILD_GROUP = "build_and_evaluate" if config["evaluation"]["with_build"] else None
 
 
 wildcard_constraints:
@@ -286,10 +290,15 @@ def frontier_step(wildcards=None):
 
 def outcome_inputs(wildcards):
     """The built models of step i: iteration 0's initial models made by recipes, or the proposals' models
-    (all k at once, so Snakemake builds them in parallel)."""
+    (all k at once, so Snakemake builds them in parallel). With evaluation.with_build also their
+    validation evaluations (a failed action's says so), so that each build and its evaluation are in
+    the DAG together and form one group job."""
     i = int(wildcards.iteration)
     models = pool().initial_models if i == 0 else [entry["model"] for entry in step_entries(proposal(i))]
-    inputs = {"models": [model_dir(m) for m in models if is_built_id(m)]}
+    built = [m for m in models if is_built_id(m)]
+    inputs = {"models": [model_dir(m) for m in built]}
+    if BUILD_GROUP:
+        inputs["evaluations"] = [answers_path().format(model=m, split="val") for m in built]
     if i > 0:
         inputs["proposal"] = f"{agent_dir(i)}/proposal.json"
     return inputs

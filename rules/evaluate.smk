@@ -12,6 +12,7 @@ rule evaluate:
     resources:
         **resources_of("evaluate"),
     retries: config["resources"]["evaluate"]["retries"]
+    group: BUILD_GROUP
     log:
         "results/logs/evaluate/{model}.{split}.log",
     benchmark:

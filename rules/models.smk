@@ -35,6 +35,7 @@ for action, spec in ACTIONS.items():
         resources:
             **resources_of(action),
         retries: config["resources"][action]["retries"]
+        group: BUILD_GROUP
         log:
             f"results/logs/{action}/{{hash}}.log",
         benchmark:

@@ -401,3 +401,32 @@ def test_a_diverging_action_is_fed_back_and_a_killed_job_is_retried(tmp_path, ti
     rerun = run_snakemake(workdir, config_path, "results/leaderboard.tsv", timeout=300)
     assert "Nothing to be done" in rerun.stdout
     assert (results / "models" / plan["steps"][0]["model"] / "failure.json").stat().st_mtime_ns == before
+
+
+def test_the_evaluation_of_a_failed_action_records_the_failure_and_is_never_scored(tmp_path):
+    """evaluation.with_build asks for a built model's evaluation before the outcome says whether it
+    failed (both run in one cluster job): the evaluation says so instead of failing the job."""
+    from lamdagent.actions.failures import failure_record, write_failure
+    from lamdagent.workflow import evaluate as evaluate_rules
+
+    model = "sft-aaaaaaaaaaaaaaaa"
+    model_dir = tmp_path / "models" / model
+    (tmp_path / "log.txt").write_text("Traceback ...\nTrainingDiverged: training loss is nan\n")
+    write_failure(model_dir, failure_record(model=model, action="sft", kind="diverged", reason="training loss is nan",
+                                            log_path=tmp_path / "log.txt", log_lines=5))
+    evaluation = tmp_path / "evals" / model / "val.json"
+    smk = SimpleNamespace(rule="evaluate", threads=1, config={"evaluation": DEFAULTS["evaluation"]},
+                          params=SimpleNamespace(settings={}, tasks=["arith"]), input=SimpleNamespace(model=str(model_dir)),
+                          output=SimpleNamespace(evaluation=str(evaluation)), log=[str(tmp_path / "evaluate.log")],
+                          wildcards=SimpleNamespace(model=model, split="val"))
+    evaluate_rules.evaluate(smk)
+    record = read_json(evaluation)
+    assert record["status"] == "failed" and record["tasks"] == {} and record["model"] == model
+    assert record["failure"]["kind"] == "diverged" and record["failure"]["reason"] == "training loss is nan"
+
+    score = SimpleNamespace(rule="score", threads=1, config={}, input=SimpleNamespace(evaluation=str(evaluation)),
+                            output=SimpleNamespace(score=str(tmp_path / "score.json")), log=[str(tmp_path / "score.log")],
+                            params=SimpleNamespace(eval_tasks=[], card_dir=""), wildcards=SimpleNamespace(model=model))
+    with pytest.raises(ValueError, match=f"{model} holds no model, its action failed \\(training loss is nan\\)"):
+        evaluate_rules.score(score)
+    assert not (tmp_path / "score.json").exists()

@@ -13,6 +13,7 @@ its jobs; SIGTERM would make it wait for them) and the test fails with the log t
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -258,3 +259,55 @@ def check_same_shape(local_dir: Path, slurm_dir: Path, iterations: int) -> None:
         local_n = len(list((local_dir / "results" / sub).iterdir()))
         assert len(list((slurm_dir / "results" / sub).iterdir())) == local_n, sub
     assert (slurm_dir / "results/report/topk.tsv").is_file()
+
+
+# ---- evaluation.with_build: a candidate's build and its validation evaluation in one SLURM job -----
+
+# "Job 7 has been submitted with SLURM jobid 21 (log: /.../.snakemake/slurm_logs/group_build_and_evaluate/...)."
+SUBMITTED_ANY = re.compile(r"has been submitted with SLURM jobid (\d+) \(log: (.+?/slurm_logs/((?:rule|group)_\w+)/.*?\.log)\)")
+
+
+def test_with_build_submits_each_build_and_its_evaluation_as_one_job(slurm_cluster, tiny_model_dir, tmp_path):
+    from e2e import run_snakemake, write_tiny_config
+
+    workdir = tmp_path / "run"
+    config = write_tiny_config(workdir, tiny_model_dir, iterations=2, controller={"type": "random"},
+                               resources=CI_RESOURCES)
+    settings = yaml.safe_load(config.read_text())
+    settings["evaluation"]["with_build"] = True
+    # Every SFT the agent chooses diverges (a recorded failure): its evaluation, already in the same
+    # job, must record the failure rather than fail the job. The specialists (iteration 0) succeed.
+    settings["objects"]["sft_lr"] = [1.0e10]
+    settings["action_types"] = {"sft": settings["action_types"]["sft"]}
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    result = run_snakemake(workdir, config, "--profile", str(CI_PROFILE), "--workflow-profile", "none", timeout=1800)
+    output = result.stdout
+
+    submitted = [(slurm_id, Path(log), kind) for slurm_id, log, kind in SUBMITTED_ANY.findall(output)]
+    kinds = {kind for _, _, kind in submitted}
+    # No build went alone: every sft job is a group job (the plugin names its logs' folder after the
+    # group and its rules), which ran both rules on the node.
+    assert "rule_sft" not in kinds and "group_build_and_evaluate_evaluate_sft" in kinds, sorted(kinds)
+    results = workdir / "results"
+    plan = yaml.safe_load((results / "plan.yaml").read_text())
+    built = [e["model"] for e in plan["initial"] if e["model"].startswith("sft-")] + [s["model"] for s in plan["steps"]]
+    logs = {log: log.read_text() for _, log, kind in submitted if kind.startswith("group_build_and_evaluate")}
+    for model in built:
+        pairs = [text for text in logs.values()
+                 if re.search(r"^\s*rule sft:", text, re.M) and f"results/models/{model}" in text
+                 and re.search(rf"^\s*rule evaluate:[\s\S]*?wildcards: model={model}, split=val", text, re.M)]
+        assert len(pairs) == 1, f"{model}: no single SLURM job ran both its build and its evaluation"
+    # One SLURM job per candidate, not two: the builds of iterations 0-2 and their evaluations (a
+    # repeated recipe is built once).
+    assert len([log for log, text in logs.items() if "rule sft:" in text]) == len(set(built))
+
+    # The specialists were scored; the diverged steps recorded their failure in the evaluation and
+    # were fed back with the failure score, unscored.
+    for entry in plan["initial"]:
+        assert entry.get("status") != "failed", entry
+    assert [s["status"] for s in plan["steps"]] == ["failed", "failed"]
+    for step in plan["steps"]:
+        evaluation = json.loads((results / "evals" / step["model"] / "val.json").read_text())
+        assert evaluation["status"] == "failed" and evaluation["failure"]["kind"] == "diverged", evaluation
+        assert not (results / "scores" / f"{step['model']}.json").exists()
+    assert (results / "report" / "topk.tsv").is_file()

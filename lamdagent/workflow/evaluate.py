@@ -18,11 +18,15 @@ def evaluate(smk):
     # The tasks and the settings that determine the result come from params (the rule's rerun trigger).
     settings = {**smk.config["evaluation"], **smk.params.settings}
     tasks = list(smk.params.tasks)
-    require_weights(smk.input.model)
     with job_context(smk):
         failure = read_failure(smk.input.model)
-        if failure is not None:  # the workflow never asks for it; an explicit target gets a clear error
-            raise ValueError(f"{smk.input.model} holds no model: its action failed ({failure['reason']})")
+        if failure is not None:
+            # Asked for with evaluation.with_build (the evaluation shares its build's job, so it is in
+            # the DAG before anyone knows the action failed): the record says so; nothing scores it.
+            atomic_write_json(smk.output.evaluation, failed_evaluation(smk.wildcards.model, smk.wildcards.split, failure))
+            print(f"{smk.input.model}: its action failed ({failure['reason']}); nothing to evaluate", flush=True)
+            return
+        require_weights(smk.input.model)
         # Before datasets is imported (its offline switch is read then), by the guard or by lm-eval.
         offline_if_fetched(smk.input.get("lm_eval_data", []))
         # What parse time could not read (lm-eval documents, hub data not prepared yet) is checked by
@@ -41,11 +45,20 @@ def evaluate(smk):
                      usage=lambda: stop_clock(clock))
 
 
+def failed_evaluation(model: str, split: str, failure: dict) -> dict:
+    """The evaluation of a model whose action failed: no tasks, the action's failure record."""
+    return {"model": model, "split": split, "status": "failed", "failure": failure, "tasks": {}}
+
+
 def judge(smk):
     from lamdagent.evaluation.judge import judge_evaluation
 
     failed = Path(smk.log[0]).with_suffix(".failed.json")
     with job_context(smk):
+        answers = read_json(smk.input.answers)
+        if answers.get("status") == "failed":  # with_build: a failed action's answers are its failure
+            atomic_write_json(smk.output.evaluation, answers)
+            return
         result = judge_evaluation(smk.input.answers, smk.output.evaluation, dict(smk.params.judged),
                                   dict(smk.params.judge), seed=smk.config["seed"], failed_json=failed)
         print("judged: " + ", ".join(f"{task} {result['tasks'][task]['rating,judge']:.2f}"
@@ -57,7 +70,11 @@ def score(smk):
     from lamdagent.lineage.records import refresh_card
 
     with job_context(smk):
-        result = compute_score(read_json(smk.input.evaluation), smk.params.eval_tasks, "val")
+        evaluation = read_json(smk.input.evaluation)
+        if evaluation.get("status") == "failed":  # the workflow never asks; an explicit target gets a clear error
+            raise ValueError(f"{smk.input.evaluation}: {smk.wildcards.model} holds no model, its action failed "
+                             f"({evaluation['failure']['reason']}); a failed step is fed back with failures.score")
+        result = compute_score(evaluation, smk.params.eval_tasks, "val")
         result["model"] = smk.wildcards.model
         atomic_write_json(smk.output.score, result)
         if smk.params.card_dir and refresh_card(smk.params.card_dir, {"validation": result}):
