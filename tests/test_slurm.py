@@ -297,6 +297,11 @@ def test_with_build_submits_each_build_and_its_evaluation_as_one_job(slurm_clust
                  if re.search(r"^\s*rule sft:", text, re.M) and f"results/models/{model}" in text
                  and re.search(rf"^\s*rule evaluate:[\s\S]*?wildcards: model={model}, split=val", text, re.M)]
         assert len(pairs) == 1, f"{model}: no single SLURM job ran both its build and its evaluation"
+    # The pair's job asks for the larger memory and the sum of the two runtimes (20 + 20 min).
+    pair_id = next(slurm_id for slurm_id, _, kind in submitted if kind == "group_build_and_evaluate_evaluate_sft")
+    shown = subprocess.run(["scontrol", "show", "job", pair_id], capture_output=True, text=True)
+    if shown.returncode == 0:  # jobs leave slurmctld MinJobAge seconds after they end
+        assert "TimeLimit=00:40:00" in shown.stdout and "mem=3000M" in shown.stdout, shown.stdout
     # One SLURM job per candidate, not two: the builds of iterations 0-2 and their evaluations (a
     # repeated recipe is built once).
     assert len([log for log, text in logs.items() if "rule sft:" in text]) == len(set(built))
