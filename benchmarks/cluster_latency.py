@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -74,63 +75,58 @@ def slurm_span(workdir: Path, rule: str, wildcards: str) -> tuple[float, float] 
     return birth_time(logs[-1]), logs[-1].stat().st_mtime
 
 
-def group_span(workdir: Path, model: str) -> tuple[float, float] | None:
-    """(start, end) of the one SLURM job that built ``model`` and evaluated it (evaluation.with_build:
-    a group job, its log under slurm_logs/group_build_and_evaluate_<rules>/); None without one."""
-    for log in sorted((workdir / ".snakemake" / "slurm_logs").glob("group_build_and_evaluate_*/**/*.log"),
-                      key=lambda p: int(p.stem)):
-        text = log.read_text(errors="replace")
-        if f"wildcards: model={model}, split=val" in text and f"results/models/{model}" in text:
-            return birth_time(log), log.stat().st_mtime
-    return None
+def group_spans(workdir: Path) -> dict[str, tuple[float, float]]:
+    """{model: (start, end)} of the SLURM jobs that built a model and evaluated it in one (evaluation.with_build:
+    group jobs, logged under slurm_logs/group_build_and_evaluate_<rules>/); empty without them."""
+    spans, root = {}, workdir / ".snakemake" / "slurm_logs"
+    for log in root.glob("group_build_and_evaluate_*/**/*.log"):
+        if log.relative_to(root).parts[0] == "group_build_and_evaluate_evaluate":  # an evaluation alone
+            continue
+        built = re.search(r"wildcards: model=(\S+), split=val", log.read_text(errors="replace"))
+        if built:
+            spans[built[1]] = birth_time(log), log.stat().st_mtime
+    return spans
 
 
-def iteration_chain(workdir: Path, iteration: int) -> list[dict]:
-    """The jobs of one iteration in the order they depend on each other, with their spans."""
+def iteration_chain(workdir: Path, iteration: int, grouped: dict[str, tuple[float, float]]) -> list[dict]:
+    """The jobs of one iteration in the order they depend on each other, with their spans (``grouped``:
+    :func:`group_spans`)."""
     results = workdir / "results"
     bench = results / "benchmarks"
     entries = step_entries(read_json(results / "agent" / f"iter_{iteration}" / "proposal.json"))
-    local = lambda path: lambda: job_span(path)  # noqa: E731
-    chain = [("propose", "local", local(bench / "agent" / f"propose_{iteration}.tsv"),
-              [bench / "agent" / f"propose_{iteration}.tsv"])]
-    grouped = {entry["model"]: group_span(workdir, entry["model"]) for entry in entries}
+
+    def local(stage, path):
+        return stage, "local", job_span(path), [path]
+
+    chain = [local("propose", bench / "agent" / f"propose_{iteration}.tsv")]
     for entry in entries:  # with k > 1 the k builds (and evaluations) run side by side
         model = entry["model"]
         action, digest = model.rsplit("-", 1)
         build, evaluation = bench / action / f"{digest}.tsv", bench / "evaluate" / f"{model}.val.tsv"
-        if grouped[model]:
-            chain.append(("build+evaluate val", "slurm", lambda span=grouped[model]: span, [build, evaluation]))
+        if model in grouped:
+            chain.append(("build+evaluate val", "slurm", grouped[model], [build, evaluation]))
         else:
-            chain.append((f"build {action}", "slurm", lambda a=action, d=digest: slurm_span(workdir, a, d), [build]))
-    chain.append(("outcome", "local", local(bench / "agent" / f"outcome_{iteration}.tsv"),
-                  [bench / "agent" / f"outcome_{iteration}.tsv"]))
+            chain.append((f"build {action}", "slurm", slurm_span(workdir, action, digest), [build]))
+    chain.append(local("outcome", bench / "agent" / f"outcome_{iteration}.tsv"))
     for entry in entries:
-        if not grouped[entry["model"]]:
-            evaluation = bench / "evaluate" / f"{entry['model']}.val.tsv"
-            chain.append(("evaluate val", "slurm", lambda m=entry["model"]: slurm_span(workdir, "evaluate", f"{m}_val"),
-                          [evaluation]))
-    for entry in entries:
-        chain.append(("score", "local", local(bench / "score" / f"{entry['model']}.tsv"),
-                      [bench / "score" / f"{entry['model']}.tsv"]))
-    chain.append(("update_memory", "local", local(bench / "agent" / f"memory_{iteration}.tsv"),
-                  [bench / "agent" / f"memory_{iteration}.tsv"]))
-    jobs = []
-    for stage, where, span_of, benches in chain:
-        span = span_of()
-        if span is None:  # a repeated recipe builds nothing
-            continue
-        jobs.append({"iteration": iteration, "stage": stage, "where": where, "start": span[0], "end": span[1],
-                     "run_s": sum(run_seconds(path) for path in benches if path.is_file())})
-    return jobs
+        if entry["model"] not in grouped:
+            chain.append(("evaluate val", "slurm", slurm_span(workdir, "evaluate", f"{entry['model']}_val"),
+                          [bench / "evaluate" / f"{entry['model']}.val.tsv"]))
+    chain += [local("score", bench / "score" / f"{entry['model']}.tsv") for entry in entries]
+    chain.append(local("update_memory", bench / "agent" / f"memory_{iteration}.tsv"))
+    return [{"iteration": iteration, "stage": stage, "where": where, "start": span[0], "end": span[1],
+             "run_s": sum(run_seconds(path) for path in benches if path.is_file())}
+            for stage, where, span, benches in chain
+            if span is not None]  # a repeated recipe builds nothing
 
 
 def gaps(workdir: Path, iterations: int) -> pd.DataFrame:
     """One row per SLURM job: seconds from the job it waited for to its start on the node (submission,
     scheduling), on the node outside the job's own work (Snakemake's start-up there), and from its end
     to the start of the next job (status polls, latency-wait)."""
-    rows = []
+    rows, grouped = [], group_spans(workdir)
     for iteration in range(1, iterations + 1):
-        jobs = iteration_chain(workdir, iteration)
+        jobs = iteration_chain(workdir, iteration, grouped)
         for index, job in enumerate(jobs):
             if job["where"] != "slurm":
                 continue
@@ -149,9 +145,9 @@ def gaps(workdir: Path, iterations: int) -> pd.DataFrame:
 
 def iteration_walls(workdir: Path, iterations: int) -> list[float]:
     """Seconds from the end of update_memory i-1 (iteration 1: propose's start) to the end of update_memory i."""
-    walls = []
+    walls, grouped = [], group_spans(workdir)
     for iteration in range(1, iterations + 1):
-        jobs = iteration_chain(workdir, iteration)
+        jobs = iteration_chain(workdir, iteration, grouped)
         start = (job_span(workdir / "results" / "benchmarks" / "agent" / f"memory_{iteration - 1}.tsv") or (None, None))[1]
         walls.append(jobs[-1]["end"] - (start if start is not None else jobs[0]["start"]))
     return walls
