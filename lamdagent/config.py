@@ -70,8 +70,8 @@ DEFAULTS: dict[str, Any] = {
     # stops itself time_margin_s before its rule's runtime ends, to record the failure.
     "failures": {"score": 0.0, "time_margin_s": 60, "log_tail_lines": 30},
     # Experiment tracking (lamdagent/store/tracking.py): off unless a backend is named.
-    "tracking": {"backend": "none", "dir": "results/tracking/tensorboard", "experiment": "lamdagent",
-                 "training_curves": True},
+    # `dir` defaults by backend (store/tracking.settings).
+    "tracking": {"backend": "none", "experiment": "lamdagent", "training_curves": True},
     # retries: Snakemake reruns a job that failed for infrastructure reasons (killed, node lost).
     "resources": {
         "sft": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 240, "retries": 2},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -163,3 +164,17 @@ def wide_config(tiny_model_dir: Path) -> dict:
         },
     })
     return config
+
+
+def wandb_runs(root: Path) -> dict[str, dict]:
+    """{run name: its summary and records} of each offline W&B run under ``root``, read with W&B's own
+    reader of its run log (``wandb leet inspect``: no server, no internal API)."""
+    runs = {}
+    for run_dir in sorted(root.rglob("offline-run-*")):
+        inspect = [sys.executable, "-m", "wandb", "leet", "inspect"]
+        summary = json.loads(subprocess.run([*inspect, "--summary", "--json", str(run_dir)], check=True,
+                                            capture_output=True, text=True).stdout)
+        records = [json.loads(line) for line in subprocess.run([*inspect, "--json", str(run_dir)], check=True,
+                                                                capture_output=True, text=True).stdout.splitlines()]
+        runs[summary["name"]] = dict(summary, records=records)
+    return runs

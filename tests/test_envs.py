@@ -17,7 +17,7 @@ def test_every_env_pin_agrees_with_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     extras = project["project"]["optional-dependencies"]
     # The envs hold the optional trackers too: a rule's conda env cannot install an extra on demand.
-    specs = [*project["project"]["dependencies"], *extras["mlflow"]]
+    specs = [*project["project"]["dependencies"], *extras["mlflow"], *extras["wandb"]]
     pins = {requirement_name(spec): spec.replace(" ", "") for spec in specs}
     envs = sorted((REPO / "envs").glob("*.yaml"))
     assert {p.stem for p in envs} >= {"train", "merge", "eval", "agent"}

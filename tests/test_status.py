@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e import communicate_bounded, snakemake_command, subprocess_env, write_tiny_config
+from e2e import communicate_bounded, snakemake_command, subprocess_env, wandb_runs, write_tiny_config
 
 from lamdagent import cli
 from lamdagent.report.status import status
@@ -132,13 +132,12 @@ def run_status(workdir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_status_during_and_after_an_exploration_with_tracking(tmp_path, tiny_model_dir):
-    """The real workflow on the tiny model with `tracking: tensorboard`: status while it runs (once the
-    first proposal exists) and after; the runs read back with TensorBoard's own API."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+@pytest.mark.parametrize("backend", ["tensorboard", "wandb"])
+def test_status_during_and_after_an_exploration_with_tracking(tmp_path, tiny_model_dir, backend):
+    """The real workflow on the tiny model with `tracking` (TensorBoard; W&B offline): status while it
+    runs (once the first proposal exists) and after; the runs read back with the tracker's own reader."""
     workdir = tmp_path / "run"
-    config = write_tiny_config(workdir, tiny_model_dir, iterations=2, tracking={"backend": "tensorboard"})
+    config = write_tiny_config(workdir, tiny_model_dir, iterations=2, tracking={"backend": backend})
     secret = "sk-lamdagent-status-3d9e7b1c"  # in every job's environment: it must reach no tracker
     process = subprocess.Popen(snakemake_command(workdir, config), cwd=workdir,
                                env=dict(subprocess_env(), OPENAI_API_KEY=secret),
@@ -171,19 +170,32 @@ def test_status_during_and_after_an_exploration_with_tracking(tmp_path, tiny_mod
     assert after["elapsed_s"] >= during["elapsed_s"] and after["jobs_finished"] > during["jobs_finished"]
 
     # Tracking: one run per step, the recipe and scores in it; the trainer's curves of every SFT model.
-    root = workdir / "results" / "tracking" / "tensorboard"
+    root = workdir / "results" / "tracking" / backend
     entries = [dict(e, iteration=0) for e in plan["initial"]] + plan["steps"]
-    for entry in entries:
-        (run,) = (root / "steps").glob(f"iter_{entry['iteration']:04d}-{entry['model']}")
-        events = EventAccumulator(str(run))
-        events.Reload()
-        assert events.Scalars("val/s_multi")[0].value == pytest.approx(entry["score"], abs=1e-6)
     sft_models = {e["model"] for e in entries if e["model"].startswith("sft-")}
     assert sft_models and {p.name for p in (root / "train").iterdir()} == sft_models
-    for model in sft_models:
-        events = EventAccumulator(str(root / "train" / model))
-        events.Reload()
-        assert events.Scalars("train/loss")
+    if backend == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        for entry in entries:
+            (run,) = (root / "steps").glob(f"iter_{entry['iteration']:04d}-{entry['model']}")
+            events = EventAccumulator(str(run))
+            events.Reload()
+            assert events.Scalars("val/s_multi")[0].value == pytest.approx(entry["score"], abs=1e-6)
+        for model in sft_models:
+            events = EventAccumulator(str(root / "train" / model))
+            events.Reload()
+            assert events.Scalars("train/loss")
+    else:
+        steps = wandb_runs(root / "steps")
+        assert sorted(steps) == sorted(f"iter_{e['iteration']:04d}-{e['model']}" for e in entries)
+        for entry in entries:
+            run = steps[f"iter_{entry['iteration']:04d}-{entry['model']}"]
+            assert run["state"] == "finished" and run["project"] == "lamdagent"
+            assert run["summary"]["val/s_multi"] == pytest.approx(entry["score"], abs=1e-6)
+        for model in sft_models:
+            (train,) = wandb_runs(root / "train" / model).values()
+            assert train["state"] == "finished" and train["summary"]["train/loss"] > 0
     for path in root.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path

@@ -1,11 +1,13 @@
-"""Experiment tracking (config ``tracking``): trl's curves and the step runs, read back with TensorBoard's API."""
+"""Experiment tracking (config ``tracking``): trl's curves and the step runs, read back with each tracker's
+own reader (TensorBoard's event accumulator, MLflow's client, W&B's ``wandb leet inspect``)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
-from e2e import tiny_config
+from e2e import tiny_config, wandb_runs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
@@ -15,12 +17,22 @@ from lamdagent.store import tracking
 from lamdagent.store.fileio import atomic_write_json, write_jsonl
 
 
+WANDB_VARIABLES = ("WANDB_DIR", "WANDB_PROJECT", "WANDB_MODE", "WANDB_JOB_TYPE", "WANDB_DISABLE_GIT",
+                   "WANDB_DISABLE_CODE", "WANDB_CONSOLE", "WANDB_SILENT", "WANDB_LOG_MODEL", "WANDB_WATCH",
+                   "WANDB_ENTITY", "WANDB_API_KEY")
+
+
 @pytest.fixture(autouse=True)
 def tracker_environment(monkeypatch):
-    """A training run in this process sets the variables transformers' callbacks read: undone after each test."""
-    for name in ("TENSORBOARD_LOGGING_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS"):
+    """A training run in this process sets the variables transformers' callbacks read: undone after each
+    test, as is W&B's per-process state (its settings and service), which a job's process would not share."""
+    for name in ("TENSORBOARD_LOGGING_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS",
+                 *WANDB_VARIABLES):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
 
 
 def read_run(run_dir: Path) -> EventAccumulator:
@@ -118,8 +130,10 @@ def test_a_tracker_that_fails_does_not_fail_the_step(tiny_model_dir, tmp_path, m
 
 
 def test_an_unknown_backend_is_a_one_line_config_error(tiny_model_dir):
-    with pytest.raises(cfg.ConfigError, match=r"^config: tracking\.backend: 'wandb' is not one of"):
-        cfg.load(dict(tiny_config(tiny_model_dir), tracking={"backend": "wandb"}))
+    with pytest.raises(cfg.ConfigError, match=r"^config: tracking\.backend: 'comet' is not one of"):
+        cfg.load(dict(tiny_config(tiny_model_dir), tracking={"backend": "comet"}))
+    with pytest.raises(cfg.ConfigError, match=r"^config: tracking\.mode: only backend wandb takes a mode"):
+        cfg.load(dict(tiny_config(tiny_model_dir), tracking={"backend": "tensorboard", "mode": "offline"}))
 
 
 # ---- mlflow -------------------------------------------------------------------------------------
@@ -181,3 +195,78 @@ def test_an_mlflow_uri_with_credentials_is_refused_without_echoing_them(tiny_mod
     assert mlflow_config(tiny_model_dir, uri="https://mlflow.example.org")["tracking"]["uri"]
     with pytest.raises(cfg.ConfigError, match=r"^config: tracking\.uri: only backend mlflow takes a uri"):
         cfg.load(dict(tiny_config(tiny_model_dir), tracking={"backend": "tensorboard", "uri": "http://x"}))
+
+
+# ---- wandb --------------------------------------------------------------------------------------
+
+
+def test_wandb_sft_curves_and_step_runs_offline(tiny_model_dir, tmp_path, monkeypatch):
+    secret = "sk-lamdagent-tracking-3c9e0c2a9b"
+    monkeypatch.setenv("LAMDAGENT_TEST_KEY", secret)
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tiny_model_dir)
+    config["controller"] = {"type": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1",
+                            "api_key_env": "LAMDAGENT_TEST_KEY"}
+    config["tracking"] = {"backend": "wandb", "experiment": "study-3"}
+    config = cfg.load(config)
+    spec = tracking.settings(config)
+    assert (spec["dir"], spec["mode"]) == ("results/tracking/wandb", "offline")
+    tracking.prepare(config)  # offline: nothing to check, no network
+
+    model = "sft-00000000000000c1"
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, [{"prompt": f"What is {i} plus {i}?", "completion": f"{2 * i}"} for i in range(8)])
+    curves = tracking.trainer_tracking(config, model)
+    stale = Path(curves["dir"]) / "wandb" / "offline-run-stale"
+    stale.mkdir(parents=True)  # a retried job starts its curves afresh
+    metrics = sft(tiny_model_dir, data, tmp_path / "out", learning_rate=1e-3, batch_size=2, max_length=64,
+                  tracking=curves)
+    assert not stale.exists()
+    atomic_write_json(Path("results/recipes") / f"{model}.json",
+                      {"action": "sft", "inputs": {"model": "tiny", "dataset": {"name": "arith", "rows": 8}},
+                       "params": {"learning_rate": 1e-3}, "seed": 0})
+    (tmp_path / "results" / "models" / model).mkdir(parents=True)
+    (tmp_path / "results" / "models" / model / "config.json").write_text("{}")
+    failed = dict(step_entry("sft-00000000000000c2", 2, 0.0), status="failed")
+    assert tracking.log_steps(config, [step_entry(model, 1, 0.75), failed]) == [
+        f"iter_0001-{model}", "iter_0002-sft-00000000000000c2"]
+
+    root = tmp_path / "results" / "tracking" / "wandb"
+    runs = wandb_runs(root)
+    assert sorted(runs) == [f"iter_0001-{model}", "iter_0002-sft-00000000000000c2", model]
+    train = runs[model]
+    assert train["project"] == "study-3" and train["state"] == "finished"
+    (run_record,) = [r["run"] for r in train["records"] if r["type"] == "run"]
+    assert run_record["job_type"] == "training"
+    losses = [r["history"]["item"] for r in train["records"] if r["type"] == "history" and "train/loss" in r["history"]["item"]]
+    assert [item["train/global_step"] for item in losses] == list(range(1, metrics["steps"] + 1))
+    assert float(train["config"]["learning_rate"]) == pytest.approx(1e-3)
+
+    step = runs[f"iter_0001-{model}"]
+    assert step["state"] == "finished" and step["exit_code"] == 0 and step["step"] == 1
+    assert step["summary"]["val/s_multi"] == pytest.approx(0.75) and step["summary"]["val/arith"] == pytest.approx(0.75)
+    assert step["config"]["recipe.params.learning_rate"] == pytest.approx(1e-3) and step["config"]["action"] == "sft"
+    assert not any("controller" in key for key in step["config"])
+    model_uri = (tmp_path / "results" / "models" / model).as_uri()
+    assert step["summary"]["model_uri"] == model_uri
+    (artifact,) = [r["artifact"] for r in step["records"] if r["type"] == "artifact"]
+    assert artifact["type"] == "model" and artifact["name"] == f"model-{model}"
+    refs = {entry["path"]: entry.get("ref") for entry in artifact["manifest"]["contents"]}
+    assert refs["config.json"] == f"{model_uri}/config.json" and "recipe.json" in refs
+    # A failed step's run ends failed, with the failure score and no artifact (no model directory).
+    failed_run = runs["iter_0002-sft-00000000000000c2"]
+    assert failed_run["exit_code"] == 1 and failed_run["summary"]["status"] == "failed"
+    assert not [r for r in failed_run["records"] if r["type"] == "artifact"]
+
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_wandb_online_without_a_key_stops_before_any_job(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no `wandb login`
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.chdir(tmp_path)
+    config = cfg.load(dict(tiny_config(tiny_model_dir), tracking={"backend": "wandb", "mode": "online"}))
+    with pytest.raises(RuntimeError, match=r"^tracking\.mode online: W&B cannot log in .*WANDB_API_KEY"):
+        tracking.prepare(config)

@@ -221,6 +221,8 @@ def _train_and_save(trainer, tokenizer, out_dir, *, lora: bool, save_dtype: str)
     saved in bf16 is still rebuilt bit-identically."""
     import torch
 
+    from lamdagent.store.tracking import end_training_run
+
     result = trainer.train()
     history = list(trainer.state.log_history)
     steps = trainer.state.global_step
@@ -236,6 +238,7 @@ def _train_and_save(trainer, tokenizer, out_dir, *, lora: bool, save_dtype: str)
             atomic_write_json(scratch / "training_log.json", history)
     # Other ranks return only once out_dir is complete, so a caller never sees a partial model.
     accelerator.wait_for_everyone()
+    end_training_run(trainer.args.report_to)
     return result, history, steps
 
 

@@ -14,6 +14,11 @@ written with TensorBoard's own protos (no torch import in the agent's jobs).
 The experiment (and a local store's tables) is created once, by ``init_pool``, before any training
 job: parallel jobs creating it at once would race. Credentials for a server come from mlflow's own
 environment variables (``MLFLOW_TRACKING_TOKEN``, ...), never from config.
+``wandb`` writes Weights & Biases runs under ``tracking.dir`` (default ``results/tracking/wandb``), offline
+by default (``mode: offline``: ``wandb sync`` uploads them later; ``wandb leet`` shows them), the project
+being ``tracking.experiment``. ``mode: online`` logs to the server, whose key W&B reads itself
+(``WANDB_API_KEY`` or ``wandb login``; ``WANDB_BASE_URL`` for a self-hosted one); ``init_pool`` checks it
+is there before any job runs. The model directory is a reference artifact: its URI, no bytes copied.
 
 What is logged comes from recipes, scores and the trainer's arguments only: never the environment
 nor the controller's settings, so no API key reaches a tracker.
@@ -28,8 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-BACKENDS = ("none", "tensorboard", "mlflow")
-DEFAULT_DIR = "results/tracking/tensorboard"
+BACKENDS = ("none", "tensorboard", "mlflow", "wandb")
+DEFAULT_DIRS = {"tensorboard": "results/tracking/tensorboard", "wandb": "results/tracking/wandb"}
 DEFAULT_MLFLOW_STORE = "results/tracking/mlflow.db"
 MLFLOW_PARAM_CHARS = 6000  # MLflow's limit on a parameter's value
 
@@ -38,8 +43,11 @@ def settings(config: dict) -> dict:
     """The ``tracking`` section with its defaults (backend none: nothing is logged)."""
     spec = dict(config.get("tracking") or {})
     spec.setdefault("backend", "none")
-    spec.setdefault("dir", DEFAULT_DIR)
+    spec.setdefault("dir", DEFAULT_DIRS.get(spec["backend"], DEFAULT_DIRS["tensorboard"]))
     spec.setdefault("training_curves", True)
+    spec.setdefault("experiment", "lamdagent")
+    if spec["backend"] == "wandb":
+        spec.setdefault("mode", "offline")
     return spec
 
 
@@ -59,6 +67,15 @@ def check(config: dict) -> tuple[str, str] | None:
                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD), which mlflow reads itself")
     elif spec.get("uri"):
         return "uri", f"only backend mlflow takes a uri (backend is {spec['backend']})"
+    if spec["backend"] == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            return "backend", "wandb is not installed: pip install 'lamdagent[wandb]'"
+    else:
+        for key in ("mode", "entity"):
+            if key in spec:
+                return key, f"only backend wandb takes a {key} (backend is {spec['backend']})"
     return None
 
 
@@ -72,10 +89,22 @@ def mlflow_uri(spec: dict) -> str:
 
 
 def prepare(config: dict) -> None:
-    """Create the MLflow experiment (and a local store's tables) once, before any job logs to it."""
+    """Before any job logs: create the MLflow experiment (and a local store's tables) once; check that
+    W&B's online mode has a key (an exploration of hours must not find out at its first training)."""
     spec = settings(config)
     if spec["backend"] == "mlflow":
         _mlflow_experiment(_mlflow_client(spec), spec)
+    elif spec["backend"] == "wandb" and spec["mode"] == "online":
+        import wandb
+
+        try:
+            wandb.login(verify=True)  # the key from WANDB_API_KEY or `wandb login`, checked with the server
+        except Exception as err:  # noqa: BLE001 - whatever W&B raises, the run must not start
+            from lamdagent.redact import redact
+
+            reason = redact(f"{type(err).__name__}: {err}", [os.environ.get("WANDB_API_KEY", "")])
+            raise RuntimeError(f"tracking.mode online: W&B cannot log in ({reason}); set WANDB_API_KEY in the "
+                               "environment or run `wandb login`, or use mode offline") from None
 
 
 def _mlflow_client(spec: dict):
@@ -101,6 +130,9 @@ def trainer_tracking(config: dict, model: str) -> dict | None:
     if spec["backend"] == "mlflow":
         return {"backend": "mlflow", "run_name": model, "uri": mlflow_uri(spec), "experiment": spec["experiment"],
                 "tags": {"lamdagent.kind": "training", "lamdagent.model": model}}
+    if spec["backend"] == "wandb":
+        return {"backend": "wandb", "run_name": model, "dir": str(Path(spec["dir"]).resolve() / "train" / model),
+                "project": spec["experiment"], "mode": spec["mode"], "entity": spec.get("entity")}
     return {"backend": spec["backend"], "run_name": model,
             "dir": str(Path(spec["dir"]).resolve() / "train" / model)}
 
@@ -111,14 +143,35 @@ def report_to(tracking: dict | None) -> tuple[str, str | None]:
     them). A retried job starts its curves afresh."""
     if not tracking:
         return "none", None
-    if tracking["backend"] == "tensorboard":
+    if tracking["backend"] in ("tensorboard", "wandb"):
         if int(os.environ.get("RANK", "0")) == 0 and os.path.isdir(tracking["dir"]):
             shutil.rmtree(tracking["dir"])
+    if tracking["backend"] == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = tracking["dir"]
+    elif tracking["backend"] == "wandb":
+        Path(tracking["dir"]).mkdir(parents=True, exist_ok=True)
+        # transformers' WandbCallback calls wandb.init, which reads these. Git and code capture off (a
+        # user's working tree is not the recipe); the console stays in the job's log.
+        os.environ.update(WANDB_DIR=tracking["dir"], WANDB_PROJECT=tracking["project"], WANDB_MODE=tracking["mode"],
+                          WANDB_JOB_TYPE="training", WANDB_DISABLE_GIT="true", WANDB_DISABLE_CODE="true",
+                          WANDB_CONSOLE="off", WANDB_SILENT="true", WANDB_LOG_MODEL="false", WANDB_WATCH="false")
+        if tracking.get("entity"):
+            os.environ["WANDB_ENTITY"] = tracking["entity"]
     elif tracking["backend"] == "mlflow":
         os.environ.update(MLFLOW_TRACKING_URI=tracking["uri"], MLFLOW_EXPERIMENT_NAME=tracking["experiment"],
                           MLFLOW_TAGS=json.dumps(tracking["tags"]))
     return tracking["backend"], tracking["run_name"]
+
+
+def end_training_run(report_to) -> None:
+    """End the trainer's W&B run once the model is saved. transformers' callback leaves it open (for a
+    user's own logging after training); left open, it would end only with the process, or be cut by
+    the next run started in it."""
+    if "wandb" in ([report_to] if isinstance(report_to, str) else list(report_to or ())):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def _flat(prefix: str, value, out: dict) -> None:
@@ -176,7 +229,7 @@ def log_steps(config: dict, entries: list[dict], *, results: str | Path = "resul
         # A user's local model stays where it is; every other model lives in results/models.
         model_dir = Path(named["path"] if named.get("source") == "local" else results / "models" / entry["model"])
         model_dir = model_dir.resolve()
-        log = _mlflow_step if spec["backend"] == "mlflow" else _tensorboard_step
+        log = {"mlflow": _mlflow_step, "wandb": _wandb_step}.get(spec["backend"], _tensorboard_step)
         try:
             written.append(log(spec, entry, step_params(entry, recipe), step_metrics(entry), model_dir, recipe))
         except Exception as err:  # noqa: BLE001 - a tracker's failure must not fail the step
@@ -241,4 +294,39 @@ def _tensorboard_step(spec: dict, entry: dict, params: dict, metrics: dict, mode
         curve = EventFileWriter(str(root / "exploration"), filename_suffix=f".{name}")
         curve.add_event(Event(wall_time=now, step=step, summary=Summary(value=scalars)))
         curve.close()
+    return name
+
+
+def _wandb_step(spec: dict, entry: dict, params: dict, metrics: dict, model_dir: Path, recipe: dict | None) -> str:
+    """One W&B run per step (job type ``step``): params as its config, the scores at step = the
+    iteration, the model directory as a reference artifact (its URI; checksum off: no GBs read) holding
+    the recipe."""
+    import re
+
+    import wandb
+
+    name = step_run_name(entry)
+    root = Path(spec["dir"]) / "steps"
+    root.mkdir(parents=True, exist_ok=True)
+    # No git, code, system metrics or host metadata: this process is the agent's, and a step run
+    # records the agent's decision, not the machine.
+    quiet = wandb.Settings(disable_git=True, save_code=False, x_disable_stats=True, x_disable_meta=True,
+                           console="off", silent=True)
+    run = wandb.init(project=spec["experiment"], entity=spec.get("entity"), name=name, job_type="step",
+                     dir=str(root), mode=spec["mode"], config=params, notes=str(entry.get("pipeline") or ""),
+                     settings=quiet, reinit="create_new")
+    try:
+        run.log(metrics, step=int(entry["iteration"]))
+        run.summary["model_uri"] = model_dir.as_uri()
+        run.summary["status"] = str(entry.get("status") or "done")
+        if model_dir.is_dir():
+            artifact = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]", "_", f"model-{entry['model']}"), type="model",
+                                      metadata={"pipeline": str(entry.get("pipeline") or "")})
+            artifact.add_reference(model_dir.as_uri(), checksum=False)
+            if recipe is not None:
+                with artifact.new_file("recipe.json", mode="w", encoding="utf-8") as out:
+                    json.dump(recipe, out, indent=1)
+            run.log_artifact(artifact)
+    finally:
+        run.finish(exit_code=1 if entry.get("status") == "failed" else 0)
     return name
