@@ -87,6 +87,15 @@ def fallbacks(workdir: Path, k: int) -> dict[str, int]:
     return counts
 
 
+def action_counts(workdir: Path, k: int) -> dict[str, int]:
+    """How many steps of iterations 1..k took each action type: what the controller chose to do."""
+    counts: dict[str, int] = {}
+    for entries in iteration_entries(workdir, k)[1:]:
+        for entry in entries:
+            counts[entry["action"]] = counts.get(entry["action"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def share_store(workdir: Path, store: Path) -> None:
     """Link the run's content-addressed folders to the shared store (kept if already linked)."""
     results = workdir / "results"
@@ -249,8 +258,9 @@ def main(argv=None) -> int:
                 table[controller][seed] = best
                 workdir = args.scratch / f"{controller}-seed{seed}"
                 made, fell_back = models_made(workdir, max(ks)), fallbacks(workdir, max(ks))
-                print(f"{controller} seed {seed}: best {best}, {made} new models, random fallbacks "
-                      f"{fell_back} ({wall:.0f} s; {machine()})", flush=True)
+                print(f"{controller} seed {seed}: best {best}, {made} new models, action types "
+                      f"{action_counts(workdir, max(ks))}, random fallbacks {fell_back} ({wall:.0f} s; {machine()})",
+                      flush=True)
         table = {controller: dict(sorted(per_seed.items())) for controller, per_seed in table.items() if per_seed}
         print("\n| controller | " + " | ".join(f"best after {k} (mean [min, max])" for k in ks) + " |")
         print("|---|" + "---|" * len(ks))

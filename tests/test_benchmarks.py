@@ -89,6 +89,19 @@ def test_fallbacks_count_the_steps_whose_choice_was_not_the_llms(tmp_path):
     assert fallbacks(tmp_path, 1) == {"steps": 1, "type_selection": 0, "object_selection": 1}
 
 
+def test_action_counts_are_the_steps_per_action_type(tmp_path):
+    from search_efficiency import action_counts
+
+    agent = tmp_path / "results" / "agent"
+    write_step(agent, 0, {"iteration": 0, "initial": [{"model": "spec", "action": "sft", "score": {"s_multi": 0.5}}]})
+    write_step(agent, 1, {"iteration": 1, "model": "m1", "action": "ties"})
+    write_step(agent, 2, {"iteration": 2, "k": 2, "steps": [{"model": "m2", "action": "sft"},
+                                                            {"model": "m3", "action": "ties"}]})
+    write_step(agent, 3, {"iteration": 3, "model": "m4", "action": "ties", "status": "failed"})
+    assert action_counts(tmp_path, 3) == {"sft": 1, "ties": 3}  # the initial pool's recipes are not steps
+    assert action_counts(tmp_path, 1) == {"ties": 1}
+
+
 def test_runs_share_the_content_addressed_folders(tmp_path):
     from search_efficiency import share_store
 
