@@ -258,3 +258,28 @@ def test_forced_actions_fix_the_type_and_leave_the_objects_to_the_controller(tmp
     free = propose(iteration=2, config=forced, pool=pool(), history=HISTORY, memory="m", controller=None,
                    store=RecipeStore(tmp_path), log=CallLog())
     assert not free["forced_action"]
+
+
+def test_a_failed_recipe_is_never_offered_again_unless_every_recipe_failed(tmp_path):
+    specialist(RecipeStore(tmp_path))
+    sft_only = {**config(), "forced_actions": ["sft"] * 40}
+    store = RecipeStore(tmp_path)
+
+    def models(history):
+        return {propose(iteration=i, config=sft_only, pool=pool(), history=history, memory="", controller=None,
+                        store=store, log=CallLog())["model"] for i in range(1, 41)}
+
+    def failed(combo):
+        return {"iteration": 1, "model": model_id(recipe_for(sft_only, DATASETS, "sft", combo)), "pipeline": "x",
+                "status": "failed", "score": None}
+
+    combos = action_space(sft_only, pool(), 1)["sft"]
+    every = models(HISTORY)
+    assert len(every) == len(combos)  # the seeded draw reaches every sft recipe in 40 iterations
+    diverged = failed(combos[-1])
+    assert models(HISTORY + [diverged]) == every - {diverged["model"]}
+    # Every recipe failed: the whole space stays, and the step is a flagged repeat.
+    all_failed = HISTORY + [failed(combo) for combo in combos]
+    record = propose(iteration=2, config=sft_only, pool=pool(), history=all_failed, memory="", controller=None,
+                     store=store, log=CallLog())
+    assert record["repeat_of"] == 1

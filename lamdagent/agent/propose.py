@@ -135,6 +135,21 @@ def action_space(config: dict, pool: Pool, iteration: int | None = None) -> dict
     return space
 
 
+def without_failed(space: dict[str, list[tuple]], config: dict, pool: Pool, history: list[dict]) -> dict[str, list[tuple]]:
+    """``space`` less the recipes whose action failed before: with k = 1 a repeat is allowed (the
+    paper's, flagged ``repeat_of``, free in compute), but a failed recipe can only fail again, so
+    repeating it wastes the iteration. If every recipe left has failed, the whole space stays (a
+    flagged repeat keeps the run going, as when every recipe is known)."""
+    failed = {entry["model"] for entry in history if entry.get("status") == "failed"}
+    if not failed:
+        return space
+    kept = {action: [combo for combo in combos
+                     if model_id(recipe_for(config, pool.datasets, action, combo)) not in failed]
+            for action, combos in space.items()}
+    kept = {action: combos for action, combos in kept.items() if combos}
+    return kept or space
+
+
 def forced_action(config: dict, iteration: int) -> str | None:
     """The action type config's ``forced_actions`` fixes for ``iteration`` (1-based), or None."""
     forced = config.get("forced_actions") or []
@@ -170,7 +185,7 @@ def propose(*, iteration: int, config: dict, pool: Pool, history: list[dict], me
             store: RecipeStore, log: CallLog) -> dict:
     """Choose the next step and return its proposal record (recipe saved to ``store``): the paper's k = 1."""
     pool.name_made_models(history)
-    space = action_space(config, pool, iteration)
+    space = without_failed(action_space(config, pool, iteration), config, pool, history)
     rng = seeded_rng(config["seed"], iteration, "random-controller")
     action, combo, fallback = _choose(space, iteration=iteration, config=config, pool=pool, history=history,
                                       memory=memory, controller=controller, log=log, rng=rng, round_=None)
