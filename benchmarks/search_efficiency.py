@@ -228,11 +228,11 @@ def main(argv=None) -> int:
                                 cores=args.cores)
             print(f"initial pool, seed {seed}: {wall:.0f} s", flush=True)
 
-        # 2. The (controller, seed) runs, side by side, each from its own copy of the store.
-        # The agent-driven runs first (the longest: two LLM calls and a memory update per iteration), so
-        # the short random runs fill in at the end instead of leaving a core idle behind a long one.
+        # 2. The (controller, seed) runs, side by side, each from its own copy of the store, seed by seed
+        # (every controller of a seed before the next seed): a run stopped early still holds whole seeds
+        # to compare, each seed's agent-driven run (the longest) first.
         runs = sorted(((controller, seed) for seed in args.seeds for controller in args.controllers),
-                      key=lambda run: run[0] == "random")
+                      key=lambda run: (args.seeds.index(run[1]), run[0] == "random"))
         parallel = max(1, min(args.parallel or args.cores, len(runs)))
         cores = max(1, args.cores // parallel)
         print(f"{len(runs)} runs, {parallel} side by side on {cores} core(s) each", flush=True)
