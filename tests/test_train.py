@@ -172,7 +172,16 @@ def test_child_process_entry_point_matches_in_process_run(tiny_model_dir, datase
     metrics = read_json(tmp_path / "metrics.json")
     assert metrics["steps"] == 2 and metrics["wall_s"] > 0 and not (tmp_path / "failure.json").exists()
 
-    sft(**{**kwargs, "out_dir": str(tmp_path / "inproc")})
+    # CPU float reductions are split by thread: the in-process run takes the child's one thread, whatever
+    # an earlier test in this worker left torch with.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sft(**{**kwargs, "out_dir": str(tmp_path / "inproc")})
+    finally:
+        torch.set_num_threads(threads)
     assert sha256_file(tmp_path / "sub" / "model.safetensors") == sha256_file(tmp_path / "inproc" / "model.safetensors")
 
 
