@@ -77,14 +77,30 @@ def models_made(workdir: Path, k: int) -> int:
 
 def fallbacks(workdir: Path, k: int) -> dict[str, int]:
     """Steps of iterations 1..k whose type or object choice was the seeded random fallback (the LLM's
-    reply named no valid candidate): how much of a controller's search was its own."""
-    counts = {"steps": 0, "type_selection": 0, "object_selection": 0}
+    reply named no valid candidate), and iterations whose memory rewrite was done without the LLM:
+    how much of a controller's search was its own."""
+    counts = {"steps": 0, "type_selection": 0, "object_selection": 0, "memory_update": 0}
     for entries in iteration_entries(workdir, k)[1:]:
         for entry in entries:
             counts["steps"] += 1
             for call in ("type_selection", "object_selection"):
                 counts[call] += bool((entry.get("fallback") or {}).get(call))
+        # one memory rewrite per iteration, its flag copied to each of the iteration's steps
+        counts["memory_update"] += bool((entries[0].get("fallback") or {}).get("memory_update"))
     return counts
+
+
+def repeats(workdir: Path, k: int) -> int:
+    """Steps of iterations 1..k that re-proposed a recipe already in the pool (flagged ``repeat_of``)."""
+    return sum(entry.get("repeat_of") is not None for entries in iteration_entries(workdir, k)[1:]
+               for entry in entries)
+
+
+def best_pipeline(workdir: Path, k: int) -> str:
+    """The pipeline of the best-scoring model over the initial pool and iterations 1..k (the first found
+    on a tie, as the leaderboard's order)."""
+    scored = [entry for entries in iteration_entries(workdir, k) for entry in entries if entry.get("score")]
+    return max(scored, key=lambda entry: entry["score"]["s_multi"])["pipeline"]
 
 
 def action_counts(workdir: Path, k: int) -> dict[str, int]:
@@ -258,9 +274,9 @@ def main(argv=None) -> int:
                 table[controller][seed] = best
                 workdir = args.scratch / f"{controller}-seed{seed}"
                 made, fell_back = models_made(workdir, max(ks)), fallbacks(workdir, max(ks))
-                print(f"{controller} seed {seed}: best {best}, {made} new models, action types "
-                      f"{action_counts(workdir, max(ks))}, random fallbacks {fell_back} ({wall:.0f} s; {machine()})",
-                      flush=True)
+                print(f"{controller} seed {seed}: best {best}, {made} new models, {repeats(workdir, max(ks))} repeats, "
+                      f"action types {action_counts(workdir, max(ks))}, random fallbacks {fell_back}, best pipeline "
+                      f"{best_pipeline(workdir, max(ks))} ({wall:.0f} s; {machine()})", flush=True)
         table = {controller: dict(sorted(per_seed.items())) for controller, per_seed in table.items() if per_seed}
         print("\n| controller | " + " | ".join(f"best after {k} (mean [min, max])" for k in ks) + " |")
         print("|---|" + "---|" * len(ks))

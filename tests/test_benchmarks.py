@@ -82,11 +82,32 @@ def test_fallbacks_count_the_steps_whose_choice_was_not_the_llms(tmp_path):
 
     agent = tmp_path / "results" / "agent"
     write_step(agent, 0, {"iteration": 0, "initial": [{"model": "spec", "score": {"s_multi": 0.5}}]})
-    write_step(agent, 1, {"iteration": 1, "model": "m1", "fallback": {"type_selection": False, "object_selection": True}})
+    write_step(agent, 1, {"iteration": 1, "model": "m1", "fallback": {"type_selection": False, "object_selection": True,
+                                                                      "memory_update": True}})
     write_step(agent, 2, {"iteration": 2, "model": "m2", "fallback": {"type_selection": True, "object_selection": True}})
     write_step(agent, 3, {"iteration": 3, "model": "m3"})  # the random controller records no fallback
-    assert fallbacks(tmp_path, 3) == {"steps": 3, "type_selection": 1, "object_selection": 2}
-    assert fallbacks(tmp_path, 1) == {"steps": 1, "type_selection": 0, "object_selection": 1}
+    # k = 2: the iteration's one memory rewrite is flagged on both of its steps, and counted once.
+    both = {"type_selection": False, "object_selection": False, "memory_update": True}
+    write_step(agent, 4, {"iteration": 4, "k": 2, "steps": [{"model": "m4", "fallback": both},
+                                                            {"model": "m5", "fallback": both}]})
+    assert fallbacks(tmp_path, 3) == {"steps": 3, "type_selection": 1, "object_selection": 2, "memory_update": 1}
+    assert fallbacks(tmp_path, 1) == {"steps": 1, "type_selection": 0, "object_selection": 1, "memory_update": 1}
+    assert fallbacks(tmp_path, 4) == {"steps": 5, "type_selection": 1, "object_selection": 2, "memory_update": 2}
+
+
+def test_repeats_and_the_best_pipeline(tmp_path):
+    from search_efficiency import best_pipeline, repeats
+
+    agent = tmp_path / "results" / "agent"
+    write_step(agent, 0, {"iteration": 0, "initial": [{"model": "spec", "pipeline": "spec", "score": {"s_multi": 0.5}}]})
+    write_step(agent, 1, {"iteration": 1, "model": "m1", "pipeline": "sft(spec, a)", "repeat_of": None,
+                          "score": {"s_multi": 0.7}})
+    write_step(agent, 2, {"iteration": 2, "model": "m1", "pipeline": "sft(spec, a)", "repeat_of": 1,
+                          "score": {"s_multi": 0.7}})
+    write_step(agent, 3, {"iteration": 3, "model": "m2", "pipeline": "sft(m1, b)", "status": "failed", "score": None})
+    assert [repeats(tmp_path, k) for k in (1, 2, 3)] == [0, 1, 1]
+    assert best_pipeline(tmp_path, 0) == "spec"
+    assert best_pipeline(tmp_path, 3) == "sft(spec, a)"
 
 
 def test_action_counts_are_the_steps_per_action_type(tmp_path):
