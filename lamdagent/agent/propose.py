@@ -67,6 +67,8 @@ class CallLog:
         parsed = parse(completion.text)
         record.update(reply=completion.text, parsed=parsed, tokens_in=completion.tokens_in,
                       tokens_out=completion.tokens_out, latency_s=round(completion.latency_s, 4))
+        if response_format and getattr(controller, "schema_ok", False):  # still on: the reply was held to it
+            record["response_format"] = response_format
         self.calls.append(record)
         return parsed
 
