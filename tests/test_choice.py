@@ -295,3 +295,20 @@ def test_an_endpoint_is_asked_for_json_with_enums_of_the_allowed_numbers_only(tm
     assert objects_format["json_schema"]["schema"]["properties"] == {
         "slot_1": {"type": "integer", "enum": [2, 3]}, "slot_2": {"type": "integer", "enum": [2, 3]}}
     assert objects_format["json_schema"]["schema"]["required"] == ["slot_1", "slot_2"]
+    # Each call records the schema its reply was held to.
+    assert [call["response_format"] for call in log.calls] == [type_format, objects_format]
+
+
+class SchemaRefused(SchemaScripted):
+    """An endpoint whose server turns structured output off on the first request (`auto` on a 400)."""
+
+    def complete(self, prompt, *, max_tokens, stop=None, prefix=None, response_format=None):
+        self.schema_ok = False
+        return super().complete(prompt, max_tokens=max_tokens, stop=stop, prefix=prefix)
+
+
+def test_a_call_answered_in_text_after_the_schema_was_refused_records_no_schema():
+    log = CallLog()
+    parsed = log.ask(SchemaRefused(["2"]), "type_selection", "p", max_tokens=8, stop=None, parse=int, attempt=0,
+                     response_format={"type": "json_schema"})
+    assert parsed == 2 and "response_format" not in log.calls[0]
