@@ -84,6 +84,9 @@ DEFAULTS: dict[str, Any] = {
         "slerp": {"gpu": 0, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 60, "retries": 2},
         "evaluate": {"gpu": 1, "cpus_per_gpu": 8, "threads": 8, "mem_mb": 32000, "runtime": 120, "retries": 2},
         "import_model": {"gpu": 0, "cpus_per_gpu": 1, "threads": 2, "mem_mb": 16000, "runtime": 60, "retries": 2},
+        # propose and update_memory, where Snakemake runs: a local controller's torch threads. Nothing else
+        # runs meanwhile (the next build waits for the agent's choice), so they may take every local core.
+        "agent": {"threads": 2},
     },
 }
 

@@ -44,6 +44,7 @@ checkpoint propose:
         calls="results/agent/iter_{iteration}/propose_calls.jsonl",
     wildcard_constraints:
         iteration="[1-9][0-9]*",
+    threads: config["resources"]["agent"]["threads"]
     log:
         "results/logs/agent/propose_{iteration}.log",
     benchmark:
@@ -82,6 +83,7 @@ rule update_memory:
         calls="results/agent/iter_{iteration}/memory_calls.jsonl",
     wildcard_constraints:
         iteration="[1-9][0-9]*",
+    threads: config["resources"]["agent"]["threads"]
     log:
         "results/logs/agent/memory_{iteration}.log",
     benchmark:

@@ -1,4 +1,6 @@
 # Config checking and the input functions that turn the agent's plan into file targets.
+import functools
+import glob
 import os
 import sys
 
@@ -192,6 +194,29 @@ EVALUATION_SETTINGS = {"backend": config["evaluation"]["backend"], "dtype": conf
 def evaluation_tasks(wildcards):
     """The lm-eval tasks of one split's evaluation (sorted: their order in config changes nothing)."""
     return sorted(split_tasks(config["eval_tasks"], wildcards.split).values())
+
+
+def evaluate_threads(wildcards):
+    """resources.evaluate.threads; the validation of an agent step's one candidate takes candidate_threads:
+    nothing else can run meanwhile (the next proposal waits for its score), where the initial models' and
+    the test split's evaluations run side by side."""
+    spec = config["resources"]["evaluate"]
+    candidate = spec.get("candidate_threads")
+    if candidate and wildcards.split == "val" and config["proposals_per_iteration"] == 1 \
+            and wildcards.model in proposed_models():
+        return candidate
+    return spec["threads"]
+
+
+def proposed_models():
+    """Every model an agent step has proposed so far; the files are read again only when one is added or changed."""
+    paths = sorted(glob.glob(f"{RESULTS}/agent/iter_*/proposal.json"))
+    return _proposed_models(tuple((path, os.stat(path).st_mtime_ns) for path in paths))
+
+
+@functools.lru_cache(maxsize=2)
+def _proposed_models(stamped_paths):
+    return frozenset(entry["model"] for path, _ in stamped_paths for entry in step_entries(read_json(path)))
 
 
 def evaluate_inputs(wildcards):

@@ -8,7 +8,7 @@ rule evaluate:
     params:
         tasks=evaluation_tasks,
         settings=EVALUATION_SETTINGS,
-    threads: config["resources"]["evaluate"]["threads"]
+    threads: evaluate_threads
     resources:
         **resources_of("evaluate"),
     retries: config["resources"]["evaluate"]["retries"]

@@ -85,7 +85,9 @@ def test_a_long_plan_builds_its_dag(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_random_exploration_is_killed_resumes_and_continues(tmp_path, tiny_model_dir):
     workdir = tmp_path / "run"
-    config = write_tiny_config(workdir, tiny_model_dir, iterations=3)
+    resources = tiny_config(tiny_model_dir)["resources"]
+    resources["evaluate"]["candidate_threads"] = 2
+    config = write_tiny_config(workdir, tiny_model_dir, iterations=3, resources=resources)
 
     # Start, and kill -9 the whole run (Snakemake and its jobs) once the agent's first step is chosen.
     process = subprocess.Popen(snakemake_command(workdir, config), cwd=workdir, env=subprocess_env(),
@@ -126,6 +128,13 @@ def test_random_exploration_is_killed_resumes_and_continues(tmp_path, tiny_model
     for iteration in range(1, 4):
         calls = workdir / "results" / "agent" / f"iter_{iteration}" / "propose_calls.jsonl"
         assert calls.exists()  # the random controller makes no LLM calls, but the record is there
+    # An agent step's candidate is validated alone, on candidate_threads; the initial models' and the
+    # test evaluations, which run side by side, on threads.
+    proposed = {e["model"] for e in plan["steps"]} - {e["model"] for e in plan["initial"]}
+    for log in (workdir / "results" / "logs" / "evaluate").glob("*.log"):
+        model, split = log.stem.rsplit(".", 1)
+        threads = "2 threads" if split == "val" and model in proposed else "1 thread"
+        assert f"[lamdagent] evaluate started" in log.read_text() and f" with {threads}\n" in log.read_text(), log
     # Raising `iterations` afterwards: test_raising_iterations_continues_a_finished_exploration.
 
 

@@ -221,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[lamdagent] action failed ({kind}): {reason}", file=sys.stderr, flush=True)
         return 3
     metrics["wall_s"] = time.time() - started
+    # The machine as the action saw it (torch's threads and device): the job's own process never imports torch.
+    from lamdagent.actions.launch import hardware
+
+    metrics["hardware"] = hardware()
     if _is_main_process():
         atomic_write_json(ns.metrics_json, metrics)
     _destroy_process_group()

@@ -6,8 +6,12 @@ action and the tests can check the exact command lines.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 GPU_RESOURCE_KEYS = ("gpu", "gpus")
@@ -72,3 +76,27 @@ def distributed_command(n_gpus: int, module: str, args: list[str], *, main_port:
         cmd += ["--master-addr=127.0.0.1", f"--master-port={int(main_port)}"]
     cmd += ["--nnodes=1", f"--nproc-per-node={n_gpus}", "-m", module]
     return cmd + [str(arg) for arg in args]
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def hardware() -> dict:
+    """CPU, torch's thread count (CPU float sums depend on it) and the GPUs torch sees."""
+    info: dict[str, Any] = {"host": platform.node(), "platform": platform.platform(), "cpu": _cpu_model(),
+                            "cpu_count": os.cpu_count()}
+    if "torch" in sys.modules:  # never import torch just to describe the machine
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        cuda = torch.cuda.is_available()
+        info["torch_device"] = "cuda" if cuda else "cpu"
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+        if cuda:
+            info["cuda"] = torch.version.cuda
+    return info

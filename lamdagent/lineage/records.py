@@ -13,7 +13,6 @@ same library calls the workflow makes, ``lineage.cards`` renders it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import subprocess
@@ -21,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lamdagent.actions.launch import hardware
 from lamdagent.lineage.cards import model_card
 from lamdagent.lineage.tree import walk
 from lamdagent.store.fileio import atomic_write_json, atomic_write_text, read_json, sha256_file
@@ -85,30 +85,6 @@ def package_versions() -> dict:
     versions = {name: _version(name) for name in PACKAGES}
     versions["python"] = platform.python_version()
     return {name: v for name, v in versions.items() if v is not None}
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def hardware() -> dict:
-    """CPU, torch's thread count (CPU float sums depend on it) and the GPUs torch sees."""
-    info: dict[str, Any] = {"host": platform.node(), "platform": platform.platform(), "cpu": _cpu_model(),
-                            "cpu_count": os.cpu_count()}
-    if "torch" in sys.modules:  # never import torch just to describe the machine
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        cuda = torch.cuda.is_available()
-        info["torch_device"] = "cuda" if cuda else "cpu"
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
-        if cuda:
-            info["cuda"] = torch.version.cuda
-    return info
 
 
 def determinism(device: str, precision: str, processes: int, random: str | None = None) -> dict:
@@ -271,7 +247,8 @@ def build_lineage(model_dir: str | os.PathLike, recipe: dict, *, parents: dict[s
                 "precision": precision, "processes": processes, "metrics": _plain(metrics or {})},
         "code": code_version(),
         "packages": package_versions(),
-        "hardware": hardware(),
+        # Where the action ran in a child process, the machine as that process saw it (torch's threads).
+        "hardware": (metrics or {}).get("hardware") or hardware(),
         "determinism": determinism(device, precision, processes,
                                    random=details["random"] if recipe["action"] == "dare_ties" else None)
         if "code" not in recipe else CUSTOM_DETERMINISM,

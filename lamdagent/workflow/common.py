@@ -38,7 +38,8 @@ def job_context(smk):
                 import torch
 
                 torch.set_num_threads(threads)
-            print(f"[lamdagent] {smk.rule} started {time.strftime('%Y-%m-%dT%H:%M:%S')}", flush=True)
+            print(f"[lamdagent] {smk.rule} started {time.strftime('%Y-%m-%dT%H:%M:%S')} with {threads} thread"
+                  f"{'s' if threads > 1 else ''}", flush=True)
             try:
                 yield
             except Exception as exc:  # the reason goes to the rule's log too, not only to Snakemake's output
@@ -55,12 +56,11 @@ def job_context(smk):
 
 
 def _wants_torch(smk) -> bool:
-    from lamdagent.actions.registry import ACTIONS
-
-    # Importing torch costs ~2 s of CPU per job: the agent rules need it only for a local LLM controller.
+    # Importing torch costs ~2 s of CPU per job: the agent rules need it only for a local LLM controller,
+    # and an action's job not at all (the action runs in a child process, given the threads).
     if smk.rule in {"propose", "update_memory"}:
         return smk.config["controller"]["type"] == "transformers"
-    return smk.rule in {*ACTIONS, "import_model", "restore_model", "evaluate"}
+    return smk.rule in {"import_model", "restore_model", "evaluate"}
 
 
 def require_weights(*model_dirs) -> None:

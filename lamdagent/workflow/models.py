@@ -119,9 +119,7 @@ def _train(smk):
         if metrics is None:
             return
         print(f"{recipe['action']} metrics: {metrics}")
-        import torch
-
-        cuda = torch.cuda.is_available()
+        cuda = metrics.get("hardware", {}).get("torch_device") == "cuda"
         _store_recipe(smk, recipe, stop_clock(clock), device="cuda" if cuda else "cpu", precision=metrics["precision"],
                       processes=1 if gpus <= 1 else gpus, gpus=max(gpus, 1) if cuda else 0, metrics=metrics)
 
