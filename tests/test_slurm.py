@@ -12,6 +12,7 @@ its jobs; SIGTERM would make it wait for them) and the test fails with the log t
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import json
 import os
@@ -220,9 +221,13 @@ def test_exploration_on_slurm_matches_local_run(slurm_cluster, tiny_model_dir, t
     slurm_config = write_tiny_config(slurm_dir, tiny_model_dir, iterations=iterations, controller={"type": "random"},
                                      resources=CI_RESOURCES)
 
-    run_snakemake(local_dir, local_config, "--workflow-profile", "none", timeout=1200)
-    result = run_snakemake(slurm_dir, slurm_config, "--profile", str(CI_PROFILE), "--workflow-profile", "none",
-                           timeout=1800)
+    # Side by side: the SLURM run waits on the queue and its polls most of the time, the local one computes.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        local = pool.submit(run_snakemake, local_dir, local_config, "--workflow-profile", "none", timeout=1200)
+        on_slurm = pool.submit(run_snakemake, slurm_dir, slurm_config, "--profile", str(CI_PROFILE),
+                               "--workflow-profile", "none", timeout=1800)
+        local.result()
+        result = on_slurm.result()
     check_exploration_on_slurm(result.stdout, slurm_dir)
     check_same_shape(local_dir, slurm_dir, iterations)
 

@@ -54,9 +54,24 @@ def test_sft_writes_a_loadable_model_and_is_deterministic(tiny_model_dir, datase
     assert _no_partial_dirs(tmp_path)
 
 
+def test_only_a_model_that_takes_logits_to_keep_projects_the_completion_alone(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lamdagent.actions.train import accepts_logits_to_keep
+
+    class NoSlicing(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    assert accepts_logits_to_keep(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    assert not accepts_logits_to_keep(NoSlicing())
+
+
 def test_cpu_full_logits_loss_is_trls_fused_loss(tiny_model_dir, dataset, tmp_path, monkeypatch):
-    """On CPU the loss comes from full logits (trl's fused LM head is slow there): the same loss,
-    the same token count and the same trained weights as trl's own path, to float tolerance."""
+    """On CPU the loss comes from the model's own logits at the completion positions (trl's fused LM
+    head is slow there): the same loss, the same token count and the same trained weights as trl's
+    own path, to float tolerance."""
     import torch
     from safetensors.torch import load_file
 
@@ -68,7 +83,7 @@ def test_cpu_full_logits_loss_is_trls_fused_loss(tiny_model_dir, dataset, tmp_pa
     monkeypatch.setattr(train, "full_logits_loss_on", lambda device_is_cuda: False)
     fused = sft(tiny_model_dir, dataset, tmp_path / "fused", **kwargs)
 
-    assert (full["loss_head"], fused["loss_head"]) == ("full_logits", "trl_fused")
+    assert (full["loss_head"], fused["loss_head"]) == ("completion_logits", "trl_fused")
     assert full["tokens_seen"] == fused["tokens_seen"] > 0
     step_losses = [[rec["loss"] for rec in read_json(tmp_path / name / "training_log.json") if "loss" in rec]
                    for name in ("full", "fused")]

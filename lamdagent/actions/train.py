@@ -282,6 +282,15 @@ def full_logits_loss_on(device_is_cuda: bool) -> bool:
     return not device_is_cuda
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM's forward can project only chosen positions through its LM head
+    (transformers' ``logits_to_keep``, given a tensor of positions); a peft model passes it on."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def _full_logits_sft_trainer():
     """trl's SFTTrainer with ``compute_loss`` from full logits (trl's documented extension point)."""
     import torch
@@ -291,9 +300,18 @@ def _full_logits_sft_trainer():
     class FullLogitsSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs["labels"]
-            outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
-            logits = outputs.logits[:, :-1, :].float()
-            targets = labels[:, 1:]
+            model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+            targets = labels[:, 1:]  # position t predicts token t + 1
+            if accepts_logits_to_keep(self.accelerator.unwrap_model(model)):
+                # Only the positions that predict a completion token (in any row) go through the LM head:
+                # the loss never reads the prompt's logits, and the head's vocabulary-wide matmul and
+                # softmax are most of a small model's step on CPU. The same loss, bit for bit per row.
+                keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
+                outputs = model(**model_inputs, logits_to_keep=keep)
+                logits, targets = outputs.logits.float(), targets[:, keep]
+            else:
+                outputs = model(**model_inputs)
+                logits = outputs.logits[:, :-1, :].float()
             mask = targets != -100
             # Like trl: the completion tokens' summed NLL over the tokens of the whole accumulated batch.
             loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
@@ -376,7 +394,10 @@ def sft(model_dir, dataset_path, out_dir, *, learning_rate: float, epochs: float
         shutil.rmtree(scratch_root, ignore_errors=True)
     metrics = _metrics(result, history, steps, mode, examples, save_dtype)
     metrics["trainable_params"] = trainable
-    metrics["loss_head"] = "full_logits" if full_logits else "trl_fused"
+    if not full_logits:
+        metrics["loss_head"] = "trl_fused"
+    else:
+        metrics["loss_head"] = "completion_logits" if accepts_logits_to_keep(trainer.model) else "full_logits"
     return metrics
 
 
