@@ -305,7 +305,7 @@ def _full_logits_sft_trainer():
             if accepts_logits_to_keep(self.accelerator.unwrap_model(model)):
                 # Only the positions that predict a completion token (in any row) go through the LM head:
                 # the loss never reads the prompt's logits, and the head's vocabulary-wide matmul and
-                # softmax are most of a small model's step on CPU. The same loss, bit for bit per row.
+                # softmax are most of a small model's step on CPU. The same loss, to float rounding.
                 keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
                 outputs = model(**model_inputs, logits_to_keep=keep)
                 logits, targets = outputs.logits.float(), targets[:, keep]
