@@ -191,7 +191,23 @@ def evaluate(model_dir, tasks: list[str], out_json, *, batch_size: int | str = 1
     # lm-eval describes the machine by running `pip list` and other commands in subprocesses (~0.5 s of
     # CPU per evaluation); the evaluation JSON keeps its own record (versions, settings, run) instead.
     with mock.patch("lm_eval.evaluator.add_env_info", lambda storage: None):
-        raw = _simple_evaluate(lm_eval, name, args, tasks, limit, task_manager, seed)
+        raw = lm_eval.simple_evaluate(
+            model=name,
+            model_args=args,
+            tasks=list(tasks),
+            # batch_size and device travel in model_args; lm-eval refuses to get them twice.
+            batch_size=None,
+            device=None,
+            limit=limit,
+            apply_chat_template=True,
+            task_manager=task_manager,
+            log_samples=True,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            bootstrap_iters=1000,
+        )
     n_samples = raw.get("n-samples", {})
     scores = {}
     for task in tasks:
@@ -212,26 +228,6 @@ def evaluate(model_dir, tasks: list[str], out_json, *, batch_size: int | str = 1
         result["run"] = usage()
     atomic_write_json(out_json, result)
     return result
-
-
-def _simple_evaluate(lm_eval, name: str, args: str, tasks, limit, task_manager, seed: int) -> dict:
-    return lm_eval.simple_evaluate(
-        model=name,
-        model_args=args,
-        tasks=list(tasks),
-        # batch_size and device travel in model_args; lm-eval refuses to get them twice.
-        batch_size=None,
-        device=None,
-        limit=limit,
-        apply_chat_template=True,
-        task_manager=task_manager,
-        log_samples=True,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-        bootstrap_iters=1000,
-    )
 
 
 def _pkg_version(dist: str) -> str:
