@@ -10,6 +10,19 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# The workflow runs' job servers (lamdagent/workflow/job_server.py) live in a directory of this session's
+# (xdist workers inherit it) and are stopped when the session ends, rather than idling out after it.
+if "LAMDAGENT_JOB_SERVER_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["LAMDAGENT_JOB_SERVER_DIR"] = tempfile.mkdtemp(prefix="lamdagent-job-servers-")
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+        from lamdagent.workflow.job_server import stop_servers
+
+        stop_servers(os.environ["LAMDAGENT_JOB_SERVER_DIR"])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -149,17 +149,26 @@ def remove_partial(out_dir: str | os.PathLike) -> None:
 
 
 def run_action(command: list[str], *, metrics_json, failure_json, deadline: float | None, out_dir,
-               env: dict | None = None) -> dict:
+               env: dict | None = None, config: dict | None = None) -> dict:
     """Run an action's child ``command`` and return its metrics.
 
-    Raises ``ActionFailed`` when the action failed (its own record, or the deadline), RuntimeError
-    when the child was killed by a signal from outside (infrastructure: the job fails and is retried).
+    A ``python -m lamdagent.actions.failures ...`` command runs as a child of the job server when
+    ``config`` enables it (``lamdagent.workflow.job_server``: torch and trl already imported), else as
+    a process of its own. Raises ``ActionFailed`` when the action failed (its own record, or the
+    deadline), RuntimeError when the child was killed by a signal from outside (infrastructure: the
+    job fails and is retried).
     """
+    from lamdagent.workflow import job_server
+
     for path in (metrics_json, failure_json):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     started = time.monotonic()
-    process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent())
+    process = None
+    if command[1:3] == ["-m", __name__]:
+        process = job_server.spawn(main, command[3:], config=config, env=env)
+    if process is None:
+        process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent())
     try:
         returncode = process.wait(timeout=deadline)
     except subprocess.TimeoutExpired:

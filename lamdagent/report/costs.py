@@ -1,7 +1,7 @@
 """What the exploration cost (the paper's Tables 4 and 5): compute per stage and agent tokens per call kind.
 
 Compute comes from Snakemake's benchmark files (``results/benchmarks/<rule>/<name>.tsv``: ``s`` wall
-seconds, ``cpu_time``, ``max_rss`` MB); the GPU count of a job is the one its rule family asks for in
+seconds, ``cpu_time``, ``max_rss`` MB; plus ``<name>.tsv.server.json`` for a job the job server ran); the GPU count of a job is the one its rule family asks for in
 config ``resources`` (a benchmark does not record it), or 0 where the job's lineage or evaluation JSON
 says it ran on the CPU; ``gpu_s`` is that count x wall time (what a scheduler bills) and ``gpu_busy_s``
 what the job measured (NVML utilisation x time, in the lineage ``run`` or the evaluation's ``run``;
@@ -54,9 +54,17 @@ def read_benchmarks(bench_dir: str | Path) -> pd.DataFrame:
             continue
         numbers = table.apply(pd.to_numeric, errors="coerce")
         stage, family = stage_of(path.relative_to(bench_dir))
+        cpu_s = numbers["cpu_time"].mean() if "cpu_time" in numbers else float("nan")
+        max_rss_mb = numbers["max_rss"].mean() if "max_rss" in numbers else float("nan")
+        # A job run by the job server: Snakemake measured only the waiting job process; the server's
+        # child (and its own children) measured the rest (lamdagent.workflow.job_server).
+        server = path.with_name(path.name + ".server.json")
+        if server.is_file():
+            usage = json.loads(server.read_text(encoding="utf-8"))
+            cpu_s = usage["cpu_s"] + (0.0 if pd.isna(cpu_s) else cpu_s)
+            max_rss_mb = max(usage["max_rss_mb"], 0.0 if pd.isna(max_rss_mb) else max_rss_mb)
         rows.append({"stage": stage, "family": family, "name": path.stem, "wall_s": numbers["s"].mean(),
-                     "cpu_s": numbers["cpu_time"].mean() if "cpu_time" in numbers else float("nan"),
-                     "max_rss_mb": numbers["max_rss"].mean() if "max_rss" in numbers else float("nan")})
+                     "cpu_s": cpu_s, "max_rss_mb": max_rss_mb})
     return pd.DataFrame(rows, columns=["stage", "family", "name", "wall_s", "cpu_s", "max_rss_mb"])
 
 
