@@ -69,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
     # A failed action (exception, NaN loss, out of memory, time limit) is fed back with this score; it
     # stops itself time_margin_s before its rule's runtime ends, to record the failure.
     "failures": {"score": 0.0, "time_margin_s": 60, "log_tail_lines": 30},
-    # Local runs: jobs fork from one process that imported torch & co. (lamdagent/workflow/job_server.py).
+    # Local runs: jobs fork from one process that imported torch & co. (lamdagent/actions/job_server.py).
     "job_server": {"enabled": True, "idle_s": 60},
     # Experiment tracking (lamdagent/store/tracking.py): off unless a backend is named.
     # `dir` defaults by backend (store/tracking.settings).

@@ -5,6 +5,7 @@ from pathlib import Path
 # The package sits beside scripts/; put it first so a rule's conda env (--sdm conda) needs no install of it.
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - injected by Snakemake
 
-from lamdagent.workflow import job_server, baselines  # noqa: E402
+from lamdagent.actions import job_server  # noqa: E402
+from lamdagent.workflow import baselines  # noqa: E402
 
 job_server.run(baselines.table1, snakemake)  # noqa: F821

@@ -1,5 +1,4 @@
 import os
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-# The workflow runs' job servers (lamdagent/workflow/job_server.py) live in a directory of this session's
+# The workflow runs' job servers (lamdagent/actions/job_server.py) live in a directory of this session's
 # (xdist workers inherit it) and are stopped when the session ends, rather than idling out after it.
 if "LAMDAGENT_JOB_SERVER_DIR" not in os.environ:
     import tempfile
@@ -20,25 +19,50 @@ if "LAMDAGENT_JOB_SERVER_DIR" not in os.environ:
 
 def pytest_sessionfinish(session):
     if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
-        from lamdagent.workflow.job_server import stop_servers
+        from lamdagent.actions.job_server import stop_servers
 
         stop_servers(os.environ["LAMDAGENT_JOB_SERVER_DIR"])
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow end-to-end tests first, so that with one xdist worker per core (work stealing) the long
-    ones start at once and the short ones fill the gaps. Among them, modules with several slow tests
-    (they share a module-scoped exploration or cluster) lead: a worker runs the head of its queue
-    itself, while stealing takes from the tail, so such a module is not split over two workers that
-    would each build its fixture."""
-    slow_per_module = Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
+    """The slow end-to-end tests first and spread over the xdist workers.
 
-    def order(item):
-        if item.get_closest_marker("slow") is None:
-            return (1, 0)
-        return (0, -slow_per_module[item.module.__name__])
+    xdist's work stealing hands worker i the i-th contiguous slice of the collection, runs each slice
+    from its head and steals from the tails. So the collection is laid out as one slice per worker,
+    each opening with its share of the slow modules (dealt longest first to the least loaded slice,
+    a module whole: its tests share a module-scoped exploration or cluster) and filled up with fast
+    tests that stealing can even out at the end."""
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    fast = [item for item in items if not item.get_closest_marker("slow")]
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    if workers <= 1:
+        items[:] = slow + fast
+        return
+    modules: dict[str, list] = {}
+    for item in slow:
+        modules.setdefault(item.module.__name__, []).append(item)
+    slices: list[list] = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for module in sorted(modules.values(), key=lambda tests: -sum(map(_expected_s, tests))):
+        least = loads.index(min(loads))
+        slices[least] += module
+        loads[least] += sum(map(_expected_s, module))
+    # The slice sizes xdist sends: len(pending) // workers left, in turn.
+    remaining, sizes = len(items), []
+    for left in range(workers, 0, -1):
+        sizes.append(remaining // left)
+        remaining -= sizes[-1]
+    ordered = []
+    for chunk, size in zip(slices, sizes):
+        take = max(0, size - len(chunk))
+        ordered += chunk + fast[:take]
+        fast = fast[take:]
+    items[:] = ordered + fast
 
-    items.sort(key=order)  # stable: collection order within each group
+
+def _expected_s(item) -> float:
+    """A slow test's rough duration on 2 cores (its ``slow(seconds=...)`` marker; 60 s if unsaid)."""
+    return float(item.get_closest_marker("slow").kwargs.get("seconds", 60))
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from lamdagent.report.costs import read_benchmarks
-from lamdagent.workflow import job_server
+from lamdagent.actions import job_server
 
 REPO = Path(__file__).resolve().parent.parent
 ENABLED = {"job_server": {"enabled": True, "idle_s": 30}}
@@ -70,7 +70,7 @@ def server(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     key = job_server.fingerprint()
     sock_path, _, log_path = job_server._paths(key)
-    code = f"from lamdagent.workflow.job_server import main; main({key!r}, 30.0, preload_modules=False)"
+    code = f"from lamdagent.actions.job_server import main; main({key!r}, 30.0, preload_modules=False)"
     process = subprocess.Popen([sys.executable, "-c", code], cwd="/", start_new_session=True)
     deadline = time.monotonic() + 60
     while not sock_path.exists():
@@ -131,7 +131,7 @@ def test_wait_times_out_like_popen_and_a_signal_to_the_group_ends_the_child(serv
 CLIENT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    from lamdagent.workflow import job_server
+    from lamdagent.actions import job_server
     import test_job_server as t
     child = job_server.spawn(t.sleep_then_write, {out!r}, 20, config=t.ENABLED)
     print(child.pid, flush=True)
@@ -209,10 +209,11 @@ def test_without_a_server_the_job_runs_itself_and_starts_one(tmp_path, monkeypat
         time.sleep(0.2)
 
 
-def test_disabled_outside_local_runs(tmp_path, monkeypatch):
+def test_not_used_off_inside_slurm_jobs_or_for_gpu_jobs(tmp_path, monkeypatch):
     monkeypatch.setenv("LAMDAGENT_JOB_SERVER_DIR", str(tmp_path / "run"))
     assert job_server.spawn(busy, 0, config={"job_server": {"enabled": False}}) is None
     assert job_server.spawn(busy, 0, config={}) is None
+    assert job_server.spawn(busy, 0, config=ENABLED, resources={"gpu": 1}) is None  # CUDA: never from a fork
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     assert job_server.spawn(busy, 0, config=ENABLED) is None
     assert not list((tmp_path / "run").glob("*.sock"))

@@ -149,16 +149,16 @@ def remove_partial(out_dir: str | os.PathLike) -> None:
 
 
 def run_action(command: list[str], *, metrics_json, failure_json, deadline: float | None, out_dir,
-               env: dict | None = None, config: dict | None = None) -> dict:
+               env: dict | None = None, config: dict | None = None, resources: Any = None) -> dict:
     """Run an action's child ``command`` and return its metrics.
 
     A ``python -m lamdagent.actions.failures ...`` command runs as a child of the job server when
-    ``config`` enables it (``lamdagent.workflow.job_server``: torch and trl already imported), else as
+    ``config`` enables it (``lamdagent.actions.job_server``: torch and trl already imported), else as
     a process of its own. Raises ``ActionFailed`` when the action failed (its own record, or the
     deadline), RuntimeError when the child was killed by a signal from outside (infrastructure: the
     job fails and is retried).
     """
-    from lamdagent.workflow import job_server
+    from lamdagent.actions import job_server
 
     for path in (metrics_json, failure_json):
         with contextlib.suppress(FileNotFoundError):
@@ -166,7 +166,7 @@ def run_action(command: list[str], *, metrics_json, failure_json, deadline: floa
     started = time.monotonic()
     process = None
     if command[1:3] == ["-m", __name__]:
-        process = job_server.spawn(main, command[3:], config=config, env=env)
+        process = job_server.spawn(main, command[3:], config=config, resources=resources, env=env)
     if process is None:
         process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent())
     try:

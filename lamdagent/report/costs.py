@@ -57,7 +57,7 @@ def read_benchmarks(bench_dir: str | Path) -> pd.DataFrame:
         cpu_s = numbers["cpu_time"].mean() if "cpu_time" in numbers else float("nan")
         max_rss_mb = numbers["max_rss"].mean() if "max_rss" in numbers else float("nan")
         # A job run by the job server: Snakemake measured only the waiting job process; the server's
-        # child (and its own children) measured the rest (lamdagent.workflow.job_server).
+        # child (and its own children) measured the rest (lamdagent.actions.job_server).
         server = path.with_name(path.name + ".server.json")
         if server.is_file():
             usage = json.loads(server.read_text(encoding="utf-8"))

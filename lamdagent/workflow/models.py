@@ -79,7 +79,8 @@ def _run_action(smk, action: str, call: str, kwargs: dict, *, gpus: int = 0) -> 
     started = time.monotonic()
     try:
         return failures.run_action(command, metrics_json=files["metrics"], failure_json=files["failure"],
-                                   deadline=deadline, out_dir=out_dir, env=env, config=smk.config)
+                                   deadline=deadline, out_dir=out_dir, env=env, config=smk.config,
+                                   resources=smk.resources)
     except failures.ActionFailed as failed:
         failures.write_failure(out_dir, failures.failure_record(kind=failed.kind, reason=failed.reason,
                                                                 elapsed_s=time.monotonic() - started,

@@ -1,5 +1,8 @@
 """The job server: jobs of a local run fork from one process that has imported torch & co. once.
 
+Over 400 lines: the job's end and the server's end of one protocol, kept in one module so that what
+one sends and the other reads (and the process semantics both keep) are read side by side.
+
 A job of this workflow is a fresh Python process (Snakemake's ``script:``), and an action's job starts
 one more (``lamdagent.actions.failures``). Importing torch, transformers, trl, lm-eval and mergekit
 costs 4-9 s of CPU per process, more than a tiny model's whole job. With ``job_server.enabled`` (config),
@@ -69,10 +72,15 @@ _STREAMS = (0, 1, 2)
 # ---- where the server is, and whether a job may use it ----------------------------------------
 
 
-def enabled(config: dict | None) -> bool:
+def enabled(config: dict | None, resources: Any = None) -> bool:
+    """Whether a job with this config and these Snakemake resources may use the server. A job that asks
+    for GPUs runs by itself: CUDA must be initialised in a process that was not forked from one that
+    might have touched it (and a GPU job's seconds of imports are small beside its work)."""
+    from lamdagent.actions.launch import gpu_count
+
     settings = (config or {}).get("job_server") or {}
     return (bool(settings.get("enabled", False)) and sys.platform == "linux" and "SLURM_JOB_ID" not in os.environ
-            and os.environ.get("LAMDAGENT_JOB_SERVER", "1") != "0")
+            and gpu_count(resources) == 0)
 
 
 def runtime_dir() -> Path:
@@ -117,7 +125,7 @@ def run(function: Callable, smk) -> None:
     if sidecar is not None:
         with contextlib.suppress(FileNotFoundError):
             sidecar.unlink()
-    child = spawn(function, smk, config=getattr(smk, "config", None))
+    child = spawn(function, smk, config=getattr(smk, "config", None), resources=getattr(smk, "resources", None))
     if child is None:
         function(smk)
         return
@@ -179,10 +187,11 @@ class Child:
         return self.returncode
 
 
-def spawn(function: Callable, *args: Any, config: dict | None = None, env: dict | None = None) -> Child | None:
+def spawn(function: Callable, *args: Any, config: dict | None = None, resources: Any = None,
+          env: dict | None = None) -> Child | None:
     """``function(*args)`` in a forked child of the job server, or None when there is no server to use
     (the caller runs it itself). The child is a process group of its own (``os.killpg(child.pid, ...)``)."""
-    if not enabled(config):
+    if not enabled(config, resources):
         return None
     try:
         key = fingerprint()
@@ -263,7 +272,7 @@ def _start_server(key: str, lock_path: Path, log_path: Path, *, idle_s: float) -
         fcntl.flock(lock, fcntl.LOCK_UN)
     package_parent = str(Path(__file__).resolve().parents[2])
     code = (f"import sys; sys.path.insert(0, {package_parent!r}); "
-            f"from lamdagent.workflow.job_server import main; main({key!r}, {idle_s!r})")
+            f"from lamdagent.actions.job_server import main; main({key!r}, {idle_s!r})")
     with open(log_path, "ab") as log:
         subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                          cwd="/", start_new_session=True, close_fds=True)
@@ -310,7 +319,24 @@ class _Request:
 def main(key: str, idle_s: float = DEFAULT_IDLE_S, *, preload_modules: bool = True) -> None:
     request = serve(key, idle_s, preload_modules=preload_modules)
     if request is not None:  # a forked child: run the job, then exit as a Python process does
-        sys.exit(_run_request(request))
+        _exit(_run_request(request))
+
+
+def _exit(code: int) -> None:
+    """End the child as a Python process ends (its threads joined, every atexit function run, streams
+    flushed) less the teardown of its modules: seconds of CPU with torch & co. loaded, and seconds in
+    which the job's outputs are written but Snakemake does not know it (a kill then leaves them unrecorded)."""
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # CPython's own exit hook: logging.shutdown, the job's registrations, ...
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def preload() -> list[str]:
@@ -389,20 +415,25 @@ def serve(key: str, idle_s: float, *, preload_modules: bool = True) -> _Request 
                             continue
                     selector.unregister(conn)
                     if pid is not None:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(pid, signal.SIGKILL)
+                        _kill(pid)
             if events:
                 last_active = time.monotonic()
     finally:
         if os.getpid() == server_pid:
             for pid in jobs:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+                _kill(pid)
             print(f"[job server {server_pid}] stopped", flush=True)
             # The log and lock of a server that stopped as planned; a crashed one leaves its log to read.
             for path in (sock_path, log_path, lock_path):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL a child's process group (its own subprocesses too), and the child itself."""
+    for kill in (os.killpg, os.kill):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(pid, signal.SIGKILL)
 
 
 def _accept(listener, jobs: dict[int, _Job], selector, own_files: list[Callable]) -> _Request | None:
@@ -439,6 +470,10 @@ def _accept(listener, jobs: dict[int, _Job], selector, own_files: list[Callable]
             with contextlib.suppress(OSError):
                 close()
         return _Request(fds=fds, **request)
+    # Its own process group from the start, set here as well as in the child: a killpg for a job that
+    # died at once must not miss a child that has not run yet.
+    with contextlib.suppress(OSError):
+        os.setpgid(pid, pid)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _JOB_SIGNALS)
     for fd in fds:
         os.close(fd)
@@ -476,7 +511,8 @@ def _reap(jobs: dict[int, _Job], selector) -> None:
 
 def _run_request(request: _Request) -> int:
     """In the forked child: become the job (its streams, directory, environment), run it, return its exit code."""
-    os.setsid()
+    with contextlib.suppress(OSError):  # the server may have set it already
+        os.setpgid(0, 0)
     _die_with_server()
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
@@ -501,7 +537,10 @@ def _run_request(request: _Request) -> int:
         function, args = pickle.loads(request.call)
         result = function(*args)
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)  # sys.exit("message"), as Python prints it
+        return 1
     except BaseException:  # noqa: BLE001 - as an uncaught exception ends a Python process
         traceback.print_exc()
         return 1
