@@ -134,8 +134,8 @@ CLIENT = textwrap.dedent("""
     from lamdagent.actions import job_server
     import test_job_server as t
     child = job_server.spawn(t.sleep_then_write, {out!r}, 20, config=t.ENABLED)
-    print(child.pid, flush=True)
     with job_server._forwarding_signals(child.pid):
+        print(child.pid, flush=True)  # ready: a signal from here on is passed on
         code = child.wait()
     sys.exit(code if code >= 0 else 128 - code)
 """)
