@@ -251,7 +251,7 @@ def test_an_entry_point_is_called_with_its_slots_and_output(tmp_path, default_co
 # ---- end to end -----------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=55)
 def test_the_agent_runs_a_users_kto_script_and_records_a_failing_one(tmp_path, tiny_model_dir):
     """Iteration 1 is forced to the example KTO action (examples/actions/kto.py), iteration 2 to a
     script that exits non-zero; a named model made by KTO is built before the agent starts, and the

@@ -65,12 +65,14 @@ def nested_busy(seconds):
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch):
+def server(request, tmp_path, monkeypatch):
     monkeypatch.setenv("LAMDAGENT_JOB_SERVER_DIR", str(tmp_path / "run"))
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     key = job_server.fingerprint()
     sock_path, _, log_path = job_server._paths(key)
-    code = f"from lamdagent.actions.job_server import main; main({key!r}, 30.0, preload_modules=False)"
+    cuda_touched = getattr(request, "param", False)  # as if the server's imports had initialised CUDA
+    code = (f"from lamdagent.actions.job_server import main; "
+            f"main({key!r}, 30.0, preload_modules=False, cuda_touched={cuda_touched!r})")
     process = subprocess.Popen([sys.executable, "-c", code], cwd="/", start_new_session=True)
     deadline = time.monotonic() + 60
     while not sock_path.exists():
@@ -209,14 +211,24 @@ def test_without_a_server_the_job_runs_itself_and_starts_one(tmp_path, monkeypat
         time.sleep(0.2)
 
 
-def test_not_used_off_inside_slurm_jobs_or_for_gpu_jobs(tmp_path, monkeypatch):
+def test_not_used_when_off_or_inside_a_slurm_job(tmp_path, monkeypatch):
     monkeypatch.setenv("LAMDAGENT_JOB_SERVER_DIR", str(tmp_path / "run"))
     assert job_server.spawn(busy, 0, config={"job_server": {"enabled": False}}) is None
     assert job_server.spawn(busy, 0, config={}) is None
-    assert job_server.spawn(busy, 0, config=ENABLED, resources={"gpu": 1}) is None  # CUDA: never from a fork
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     assert job_server.spawn(busy, 0, config=ENABLED) is None
     assert not list((tmp_path / "run").glob("*.sock"))
+
+
+@pytest.mark.parametrize("server", [True], indirect=True)
+def test_a_gpu_job_runs_by_itself_where_the_servers_imports_initialised_cuda(server, capfd):
+    assert job_server.spawn(exit_with, 0, config=ENABLED, resources={"gpu": 1}) is None
+    assert "initialised CUDA" in capfd.readouterr().err
+    assert job_server.spawn(exit_with, 0, config=ENABLED, resources={"gpu": 0}).wait(timeout=60) == 0
+
+
+def test_a_gpu_job_forks_from_a_server_that_never_touched_cuda(server):
+    assert job_server.spawn(exit_with, 0, config=ENABLED, resources={"gpu": 1}).wait(timeout=60) == 0
 
 
 def test_the_server_key_follows_import_time_environment_not_thread_counts(monkeypatch):

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from kill_test import kill_test  # noqa: E402
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=170)
 def test_twenty_random_sigkills_then_a_rerun_finishes_with_nothing_corrupt(tmp_path, tiny_model_dir):
     report = kill_test(tmp_path / "run", tiny_model_dir, kills=20, seed=0, min_s=0.5, max_s=6.0, iterations=1)
     summary = "\n".join(report.lines() + report.corrupt_models + report.plan_mismatches)

@@ -38,7 +38,7 @@ AGENT_RULES = {"init_pool", "initial_step", "propose", "update_memory"}
 CI_RESOURCES = {family: {"gpu": 0, "cpus_per_gpu": 1, "threads": 1, "mem_mb": 3000, "runtime": 20, "retries": 0}
                 for family in REMOTE_RULES}
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+pytestmark = [pytest.mark.slow(seconds=110), pytest.mark.slurm]
 
 # "Job 3 has been submitted with SLURM jobid 17 (log: /.../.snakemake/slurm_logs/rule_sft/<wc>/17.log)."
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.+?/rule_(\w+)/.*?\.log)\)")

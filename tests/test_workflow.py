@@ -82,7 +82,7 @@ def test_a_long_plan_builds_its_dag(tmp_path, tiny_model_dir):
     assert job_count(result.stdout, "update_memory") == 0
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 def test_random_exploration_is_killed_resumes_and_continues(tmp_path, tiny_model_dir):
     workdir = tmp_path / "run"
     resources = tiny_config(tiny_model_dir)["resources"]
@@ -190,7 +190,7 @@ def step_times(workdir: Path) -> dict[int, int]:
     return {int(p.parent.name.split("_")[1]): p.stat().st_mtime_ns for p in agent.glob("iter_*/step.json")}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=95)
 def test_raising_iterations_continues_a_finished_exploration(tmp_path, tiny_model_dir):
     """The user's path: the repository's own config/config.yaml edited in place, then `make demo` again;
     and every other way to raise the budget (--config, --configfile, k > 1 proposals). After a finished

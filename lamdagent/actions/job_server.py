@@ -21,8 +21,9 @@ Semantics kept from one process per job:
   read by ``lamdagent.report.costs``), since Snakemake measures only the job's own process tree.
 
 Not used (the job runs in its own process): job_server.enabled false, outside Linux, inside a SLURM
-job (each cluster job is one rule job, there is nothing to share), or when no server is ready yet (the
-job starts one and runs by itself). One server serves one interpreter, one copy of this package (by its
+job (each cluster job is one rule job, there is nothing to share), when no server is ready yet (the
+job starts one and runs by itself), and for a job that asks for GPUs if the server's imports loaded
+the CUDA driver (a forked child cannot use CUDA that its parent initialised; importing torch does not). One server serves one interpreter, one copy of this package (by its
 files' stamps) and one environment (the variables libraries read at import): a job that matches none
 starts its own. The socket lives in a directory only the user can read; the server checks the peer's
 uid; it exits after ``job_server.idle_s`` seconds without a job.
@@ -72,15 +73,18 @@ _STREAMS = (0, 1, 2)
 # ---- where the server is, and whether a job may use it ----------------------------------------
 
 
-def enabled(config: dict | None, resources: Any = None) -> bool:
-    """Whether a job with this config and these Snakemake resources may use the server. A job that asks
-    for GPUs runs by itself: CUDA must be initialised in a process that was not forked from one that
-    might have touched it (and a GPU job's seconds of imports are small beside its work)."""
-    from lamdagent.actions.launch import gpu_count
-
+def enabled(config: dict | None) -> bool:
+    """Whether a job with this config may use the server (local runs on Linux; never inside a SLURM job)."""
     settings = (config or {}).get("job_server") or {}
-    return (bool(settings.get("enabled", False)) and sys.platform == "linux" and "SLURM_JOB_ID" not in os.environ
-            and gpu_count(resources) == 0)
+    return bool(settings.get("enabled", False)) and sys.platform == "linux" and "SLURM_JOB_ID" not in os.environ
+
+
+def cuda_driver_loaded() -> bool:
+    """Whether this process has loaded the CUDA driver (libcuda), i.e. something initialised CUDA: a
+    child forked from it then cannot use the GPU, so the server sends GPU jobs back to run by themselves."""
+    with contextlib.suppress(OSError):
+        return "/libcuda.so" in Path("/proc/self/maps").read_text()
+    return False
 
 
 def runtime_dir() -> Path:
@@ -191,7 +195,7 @@ def spawn(function: Callable, *args: Any, config: dict | None = None, resources:
           env: dict | None = None) -> Child | None:
     """``function(*args)`` in a forked child of the job server, or None when there is no server to use
     (the caller runs it itself). The child is a process group of its own (``os.killpg(child.pid, ...)``)."""
-    if not enabled(config, resources):
+    if not enabled(config):
         return None
     try:
         key = fingerprint()
@@ -201,7 +205,9 @@ def spawn(function: Callable, *args: Any, config: dict | None = None, resources:
         return None
     try:
         # The call is unpickled by the child, once it has the job's sys.path: the server imports no job code.
-        request = {"call": pickle.dumps((function, args)), "cwd": os.getcwd(),
+        from lamdagent.actions.launch import gpu_count
+
+        request = {"call": pickle.dumps((function, args)), "gpus": gpu_count(resources), "cwd": os.getcwd(),
                    "env": dict(os.environ if env is None else env), "sys_path": list(sys.path),
                    "argv": list(sys.argv), "umask": _umask()}
     except (pickle.PicklingError, TypeError, AttributeError) as exc:
@@ -225,6 +231,10 @@ def spawn(function: Callable, *args: Any, config: dict | None = None, resources:
     except (OSError, EOFError) as exc:
         sock.close()
         print(f"[lamdagent] job server not used: {exc}", file=sys.stderr, flush=True)
+        return None
+    if "refused" in reply:
+        sock.close()
+        print(f"[lamdagent] job server not used: {reply['refused']}", file=sys.stderr, flush=True)
         return None
     return Child(pid=int(reply["pid"]), sock=sock)
 
@@ -316,8 +326,9 @@ class _Request:
     umask: int
 
 
-def main(key: str, idle_s: float = DEFAULT_IDLE_S, *, preload_modules: bool = True) -> None:
-    request = serve(key, idle_s, preload_modules=preload_modules)
+def main(key: str, idle_s: float = DEFAULT_IDLE_S, *, preload_modules: bool = True,
+         cuda_touched: bool | None = None) -> None:
+    request = serve(key, idle_s, preload_modules=preload_modules, cuda_touched=cuda_touched)
     if request is not None:  # a forked child: run the job, then exit as a Python process does
         _exit(_run_request(request))
 
@@ -355,8 +366,9 @@ def preload() -> list[str]:
     return missing
 
 
-def serve(key: str, idle_s: float, *, preload_modules: bool = True) -> _Request | None:
-    """The server's loop; returns only in a forked child, with the request it is to run."""
+def serve(key: str, idle_s: float, *, preload_modules: bool = True, cuda_touched: bool | None = None) -> _Request | None:
+    """The server's loop; returns only in a forked child, with the request it is to run. ``cuda_touched``:
+    whether the imports initialised CUDA (None: look, ``cuda_driver_loaded``); then GPU jobs are refused."""
     sock_path, lock_path, log_path = _paths(key)
     lock = open(lock_path, "a")
     try:
@@ -368,7 +380,10 @@ def serve(key: str, idle_s: float, *, preload_modules: bool = True) -> _Request 
     server_pid = os.getpid()
     started = time.monotonic()
     missing = preload() if preload_modules else []
+    if cuda_touched is None:
+        cuda_touched = cuda_driver_loaded()
     print(f"[job server {server_pid}] {key}: imported in {time.monotonic() - started:.1f} s"
+          + ("; CUDA initialised by the imports: GPU jobs run by themselves" if cuda_touched else "")
           + (f"; not importable: {'; '.join(missing)}" if missing else ""), flush=True)
     gc.freeze()  # the children share the imported objects' pages instead of copying them on collection
     with contextlib.suppress(FileNotFoundError):
@@ -399,7 +414,7 @@ def serve(key: str, idle_s: float, *, preload_modules: bool = True) -> _Request 
             events = selector.select(timeout)
             for selected, _ in events:
                 if selected.fileobj is listener:
-                    request = _accept(listener, jobs, selector, own_files)
+                    request = _accept(listener, jobs, selector, own_files, cuda_touched=cuda_touched)
                     if request is not None:
                         return request  # the child
                 elif selected.fileobj == wake_r:
@@ -436,7 +451,8 @@ def _kill(pid: int) -> None:
             kill(pid, signal.SIGKILL)
 
 
-def _accept(listener, jobs: dict[int, _Job], selector, own_files: list[Callable]) -> _Request | None:
+def _accept(listener, jobs: dict[int, _Job], selector, own_files: list[Callable], *,
+            cuda_touched: bool) -> _Request | None:
     conn, _ = listener.accept()
     try:
         conn.settimeout(10)
@@ -453,6 +469,12 @@ def _accept(listener, jobs: dict[int, _Job], selector, own_files: list[Callable]
                 raise EOFError("the job hung up")
             payload += chunk
         request = pickle.loads(payload)  # builtins only; the call inside stays bytes
+        if request.pop("gpus") and cuda_touched:
+            for fd in fds:
+                os.close(fd)
+            _send_json(conn, {"refused": "the job asks for a GPU and the server's imports initialised CUDA"})
+            conn.close()
+            return None
     except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
         print(f"[job server] request refused: {type(exc).__name__}: {exc}", flush=True)
         conn.close()
