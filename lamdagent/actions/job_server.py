@@ -13,7 +13,8 @@ Snakemake sees the job as before: its log, its exit status, its wall time.
 
 Semantics kept from one process per job:
 - the child runs in the job's cwd, environment, ``sys.path`` and umask, writing to the job's stdout and
-  stderr (passed as file descriptors); it exits the way a Python process does (atexit, threads);
+  stderr (passed as file descriptors); it exits the way a Python process does (threads joined,
+  atexit functions run), less the teardown of the modules it shares with the server;
 - a job killed in any way (SIGKILL of the run included) closes its socket, and the server SIGKILLs the
   child's process group at once; SIGTERM/SIGINT/SIGHUP sent to the job are passed on to the child;
 - CPU seconds and peak memory of the child (and of the nested children it asked the server for) come
@@ -23,10 +24,11 @@ Semantics kept from one process per job:
 Not used (the job runs in its own process): job_server.enabled false, outside Linux, inside a SLURM
 job (each cluster job is one rule job, there is nothing to share), when no server is ready yet (the
 job starts one and runs by itself), and for a job that asks for GPUs if the server's imports loaded
-the CUDA driver (a forked child cannot use CUDA that its parent initialised; importing torch does not). One server serves one interpreter, one copy of this package (by its
-files' stamps) and one environment (the variables libraries read at import): a job that matches none
-starts its own. The socket lives in a directory only the user can read; the server checks the peer's
-uid; it exits after ``job_server.idle_s`` seconds without a job.
+the CUDA driver (a forked child cannot use CUDA that its parent initialised; importing torch does
+not). One server serves one interpreter, one copy of this package (by its files' stamps) and one
+environment (the variables libraries read at import): a job that matches none starts its own. The
+socket lives in a directory only the user can read; the server checks the peer's uid; it exits after
+``job_server.idle_s`` seconds without a job.
 """
 
 from __future__ import annotations
