@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def pytest_sessionfinish(session):
         from lamdagent.actions.job_server import stop_servers
 
         stop_servers(os.environ["LAMDAGENT_JOB_SERVER_DIR"])
+        with contextlib.suppress(OSError):  # kept where a server that crashed left its log
+            os.rmdir(os.environ["LAMDAGENT_JOB_SERVER_DIR"])
 
 
 def pytest_collection_modifyitems(config, items):

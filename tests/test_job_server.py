@@ -31,8 +31,9 @@ ENABLED = {"job_server": {"enabled": True, "idle_s": 30}}
 
 
 def report(path):
-    Path(path).write_text(json.dumps({"cwd": os.getcwd(), "pid": os.getpid(), "group_leader": os.getpgid(0) == os.getpid(),
-                                      "marker": os.environ.get("JOB_SERVER_TEST_MARKER"), "argv": sys.argv}))
+    Path(path).write_text(json.dumps({"cwd": os.getcwd(), "pid": os.getpid(), "argv": sys.argv,
+                                      "group_leader": os.getpgid(0) == os.getpid(),
+                                      "marker": os.environ.get("JOB_SERVER_TEST_MARKER")}))
     print("hello from the child", flush=True)
 
 
@@ -249,7 +250,8 @@ def test_every_rules_benchmark_file_parallels_its_log():
             bench = re.search(r"\bbenchmark:\s*\n\s*f?\"([^\"]+)\"", block)
             if log and bench:
                 pairs += 1
-                assert str(job_server._server_usage_path(Smk(config={}, log=[log.group(1)]))) == bench.group(1) + ".server.json", block[:80]
+                sidecar = job_server._server_usage_path(Smk(config={}, log=[log.group(1)]))
+                assert str(sidecar) == bench.group(1) + ".server.json", block[:80]
     assert pairs >= 25
 
 

@@ -241,16 +241,29 @@ def spawn(function: Callable, *args: Any, config: dict | None = None, resources:
     return Child(pid=int(reply["pid"]), sock=sock)
 
 
-def stop_servers(directory: str | os.PathLike | None = None) -> list[int]:
-    """SIGTERM every server listening in ``directory`` (default: this user's); returns their pids."""
+def stop_servers(directory: str | os.PathLike | None = None, *, wait_s: float = 30.0) -> list[int]:
+    """SIGTERM every server listening in ``directory`` (default: this user's) and wait up to ``wait_s``
+    for them to exit (a server kills its running children); returns their pids."""
     stopped = []
     for sock_path in sorted(Path(directory or runtime_dir()).glob("*.sock")):
         with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(str(sock_path))
-            pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            pid, _ = _peer(sock)
             os.kill(pid, signal.SIGTERM)
             stopped.append(pid)
+    deadline = time.monotonic() + wait_s
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)
+                time.sleep(0.05)
     return stopped
+
+
+def _peer(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a connected Unix socket (Linux SO_PEERCRED)."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid, uid
 
 
 def _umask() -> int:
@@ -368,7 +381,8 @@ def preload() -> list[str]:
     return missing
 
 
-def serve(key: str, idle_s: float, *, preload_modules: bool = True, cuda_touched: bool | None = None) -> _Request | None:
+def serve(key: str, idle_s: float, *, preload_modules: bool = True,
+          cuda_touched: bool | None = None) -> _Request | None:
     """The server's loop; returns only in a forked child, with the request it is to run. ``cuda_touched``:
     whether the imports initialised CUDA (None: look, ``cuda_driver_loaded``); then GPU jobs are refused."""
     sock_path, lock_path, log_path = _paths(key)
@@ -458,8 +472,7 @@ def _accept(listener, jobs: dict[int, _Job], selector, own_files: list[Callable]
     conn, _ = listener.accept()
     try:
         conn.settimeout(10)
-        client_pid, client_uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                         struct.calcsize("3i")))
+        client_pid, client_uid = _peer(conn)
         if client_uid != os.getuid():
             raise PermissionError(f"a process of uid {client_uid} is not this server's user")
         header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, len(_STREAMS))

@@ -1,7 +1,8 @@
 """What the exploration cost (the paper's Tables 4 and 5): compute per stage and agent tokens per call kind.
 
 Compute comes from Snakemake's benchmark files (``results/benchmarks/<rule>/<name>.tsv``: ``s`` wall
-seconds, ``cpu_time``, ``max_rss`` MB; plus ``<name>.tsv.server.json`` for a job the job server ran); the GPU count of a job is the one its rule family asks for in
+seconds, ``cpu_time``, ``max_rss`` MB; plus ``<name>.tsv.server.json`` for a job the job server ran);
+the GPU count of a job is the one its rule family asks for in
 config ``resources`` (a benchmark does not record it), or 0 where the job's lineage or evaluation JSON
 says it ran on the CPU; ``gpu_s`` is that count x wall time (what a scheduler bills) and ``gpu_busy_s``
 what the job measured (NVML utilisation x time, in the lineage ``run`` or the evaluation's ``run``;
