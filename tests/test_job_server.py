@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -58,7 +59,8 @@ def busy(seconds):
 
 def nested_busy(seconds):
     child = job_server.spawn(busy, seconds, config=ENABLED)
-    assert child is not None, "no server for the nested child"
+    sock_path = job_server._paths(job_server.fingerprint())[0]
+    assert child is not None, f"no server for the nested child ({sock_path}: exists {sock_path.exists()})"
     return child.wait()
 
 
@@ -121,6 +123,17 @@ def test_exit_codes_and_tracebacks_are_a_processs(server, capfd):
     assert job_server.spawn(exit_with, 0, config=ENABLED).wait(timeout=60) == 0
 
 
+def test_an_exit_status_that_arrives_with_the_pid_is_kept():
+    """A child that ends at once: the server's two messages may reach the job in one read."""
+    job_end, server_end = socket.socketpair()
+    server_end.sendall(b'{"pid": 123}\n{"returncode": 5, "cpu_s": 0.25, "max_rss_mb": 1.5}\n')
+    server_end.close()
+    reply, rest = job_server._receive_line(job_end)
+    child = job_server.Child(pid=reply["pid"], sock=job_end, received=rest)
+    assert child.wait(timeout=5) == 5
+    assert child.usage == {"cpu_s": 0.25, "max_rss_mb": 1.5}
+
+
 def test_wait_times_out_like_popen_and_a_signal_to_the_group_ends_the_child(server, tmp_path):
     child = job_server.spawn(sleep_then_write, str(tmp_path / "late"), 30, config=ENABLED)
     with pytest.raises(subprocess.TimeoutExpired):
@@ -167,10 +180,10 @@ def test_sigterm_to_the_job_reaches_the_child(server, tmp_path):
     assert not (tmp_path / "written").exists()
 
 
-def test_a_nested_childs_cpu_is_billed_to_the_job_that_asked_for_it(server):
+def test_a_nested_childs_cpu_is_billed_to_the_job_that_asked_for_it(server, capfd):
     child = job_server.spawn(nested_busy, 0.5, config=ENABLED)
-    assert child.wait(timeout=60) == 0
-    assert child.usage["cpu_s"] >= 0.5
+    assert child.wait(timeout=60) == 0, capfd.readouterr().err[-3000:]
+    assert child.usage["cpu_s"] >= 0.5, child.usage
 
 
 def test_run_writes_the_childs_usage_beside_the_benchmark_file(server, tmp_path, monkeypatch):

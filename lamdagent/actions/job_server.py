@@ -164,8 +164,7 @@ class Child:
     sock: socket.socket
     returncode: int | None = None
     usage: dict = field(default_factory=dict)
-
-    received: bytes = b""
+    received: bytes = b""  # the server's reply so far (it may have come with the pid)
 
     def poll(self) -> int | None:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -229,7 +228,7 @@ def spawn(function: Callable, *args: Any, config: dict | None = None, resources:
             stream.flush()
         socket.send_fds(sock, [_HEADER.pack(len(payload))], list(_STREAMS))
         sock.sendall(payload)
-        reply = _receive_json(sock)
+        reply, rest = _receive_line(sock)
     except (OSError, EOFError) as exc:
         sock.close()
         print(f"[lamdagent] job server not used: {exc}", file=sys.stderr, flush=True)
@@ -238,7 +237,7 @@ def spawn(function: Callable, *args: Any, config: dict | None = None, resources:
         sock.close()
         print(f"[lamdagent] job server not used: {reply['refused']}", file=sys.stderr, flush=True)
         return None
-    return Child(pid=int(reply["pid"]), sock=sock)
+    return Child(pid=int(reply["pid"]), sock=sock, received=rest)
 
 
 def stop_servers(directory: str | os.PathLike | None = None, *, wait_s: float = 30.0) -> list[int]:
@@ -303,14 +302,16 @@ def _start_server(key: str, lock_path: Path, log_path: Path, *, idle_s: float) -
                          cwd="/", start_new_session=True, close_fds=True)
 
 
-def _receive_json(sock: socket.socket) -> dict:
+def _receive_line(sock: socket.socket) -> tuple[dict, bytes]:
+    """The server's first message, and what came after it (a fast child's exit status may follow at once)."""
     data = b""
-    while not data.endswith(b"\n"):
+    while b"\n" not in data:
         chunk = sock.recv(4096)
         if not chunk:
             raise EOFError("the job server closed the connection")
         data += chunk
-    return json.loads(data)
+    line, _, rest = data.partition(b"\n")
+    return json.loads(line), rest
 
 
 def _send_json(sock: socket.socket, message: dict) -> None:

@@ -3,6 +3,7 @@ built-in or a custom action, run in its own child process) and ``restore_model``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -31,15 +32,17 @@ def import_model(smk):
         record_base(staged, smk.wildcards.name, spec, stop_clock(clock), final_dir=smk.output.model)
 
 
-def _store_recipe(smk, recipe: dict, usage: dict, **run) -> None:
-    """recipe.json, lineage.json and the model card (README.md), once the model directory is in place."""
+def _store_recipe(smk, staged, recipe: dict, usage: dict, **run) -> None:
+    """recipe.json, lineage.json and the model card (README.md) into the staging directory ``staged``
+    that becomes the model directory: a kill at any moment leaves the model whole or absent."""
     from lamdagent.actions.registry import action_spec
     from lamdagent.lineage.records import record_model
 
     slots = action_spec(recipe["action"]).slots
     parents = {s.name: getattr(smk.input, s.name) for s in slots if s.kind == "model"}
     datasets = {s.name: getattr(smk.input, s.name) for s in slots if s.is_dataset}
-    record_model(smk.output.model, recipe, parents=parents, datasets=datasets, config=smk.config, usage=usage, **run)
+    record_model(staged, recipe, parents=parents, datasets=datasets, config=smk.config, usage=usage,
+                 final_dir=smk.output.model, **run)
 
 
 def _run_action(smk, action: str, call: str, kwargs: dict, *, gpus: int = 0) -> dict | None:
@@ -107,22 +110,23 @@ def _train(smk):
 
     recipe = read_json(smk.input.recipe)
     method = TRAIN_METHOD[recipe["action"]]
-    # The same mapping from recipe to trainer arguments that `lamdagent rebuild` uses.
-    kwargs = sft_kwargs(recipe, smk.input.model, smk.input.dataset, smk.output.model)
     curves = tracking.trainer_tracking(smk.config, Path(smk.output.model).name)
-    if curves is not None:  # where the trainer reports its curves; not part of the recipe
-        kwargs["tracking"] = curves
     require_weights(smk.input.model)
-    with job_context(smk):
+    with job_context(smk), _staged_model(smk) as staged:
+        # The same mapping from recipe to trainer arguments that `lamdagent rebuild` uses.
+        kwargs = sft_kwargs(recipe, smk.input.model, smk.input.dataset, str(staged))
+        if curves is not None:  # where the trainer reports its curves; not part of the recipe
+            kwargs["tracking"] = curves
         clock = start_clock()
         gpus = gpu_count(smk.resources)
         metrics = _run_action(smk, recipe["action"], f"lamdagent.actions.train:{method}", kwargs, gpus=gpus)
         if metrics is None:
-            return
+            raise _ActionRecorded
         print(f"{recipe['action']} metrics: {metrics}")
         cuda = metrics.get("hardware", {}).get("torch_device") == "cuda"
-        _store_recipe(smk, recipe, stop_clock(clock), device="cuda" if cuda else "cpu", precision=metrics["precision"],
-                      processes=1 if gpus <= 1 else gpus, gpus=max(gpus, 1) if cuda else 0, metrics=metrics)
+        _store_recipe(smk, staged, recipe, stop_clock(clock), device="cuda" if cuda else "cpu",
+                      precision=metrics["precision"], processes=1 if gpus <= 1 else gpus,
+                      gpus=max(gpus, 1) if cuda else 0, metrics=metrics)
 
 
 def _merge(smk):
@@ -134,14 +138,15 @@ def _merge(smk):
     recipe = read_json(smk.input.recipe)
     parents = {s.name: getattr(smk.input, s.name) for s in action_spec(recipe["action"]).slots if s.kind == "model"}
     require_weights(*parents.values())
-    with job_context(smk):
+    with job_context(smk), _staged_model(smk) as staged:
         clock = start_clock()
-        metrics = _run_action(smk, recipe["action"], "lamdagent.actions.merge:merge", merge_kwargs(recipe, parents,
-                                                                                          smk.output.model))
+        metrics = _run_action(smk, recipe["action"], "lamdagent.actions.merge:merge",
+                              merge_kwargs(recipe, parents, str(staged)))
         if metrics is None:
-            return
+            raise _ActionRecorded
+        metrics["out_dir"] = str(smk.output.model)  # not the staging directory it was written to
         print(f"merge metrics: {metrics}")
-        _store_recipe(smk, recipe, stop_clock(clock), device=metrics["device"],
+        _store_recipe(smk, staged, recipe, stop_clock(clock), device=metrics["device"],
                       precision=merge_precision(recipe["params"]["dtype"]), gpus=int(metrics["device"] != "cpu"),
                       metrics=metrics)
 
@@ -163,24 +168,32 @@ def _custom(smk):
         custom.verify_code(spec.name, recipe["code"])
         clock = start_clock()
         gpus = gpu_count(smk.resources)
-        try:
-            with atomic_directory(smk.output.model) as staged:
-                kwargs = dict(code=recipe["code"], values=custom.action_values(recipe, spec, parents, datasets),
-                              output=str(staged), seed=recipe["seed"], threads=max(1, int(smk.threads or 1)),
-                              gpus=gpus, workdir=os.getcwd())
-                # One child process; the command itself starts more (torchrun, accelerate) where it wants.
-                metrics = _run_action(smk, spec.name, "lamdagent.actions.custom:run", kwargs)
-                if metrics is None:  # recorded as a failed step in the model directory
-                    raise _ActionRecorded
-                print(f"{spec.name} metrics: {metrics}")
-                lineage = _lineage_of(smk, recipe, staged, stop_clock(clock), gpus=gpus, metrics=metrics)
-                print(f"lineage: {spec.name} code {recipe['code']['sha256'][:12]}, {len(lineage['files'])} files")
-        except _ActionRecorded:
-            return
+        with _staged_model(smk) as staged:
+            kwargs = dict(code=recipe["code"], values=custom.action_values(recipe, spec, parents, datasets),
+                          output=str(staged), seed=recipe["seed"], threads=max(1, int(smk.threads or 1)),
+                          gpus=gpus, workdir=os.getcwd())
+            # One child process; the command itself starts more (torchrun, accelerate) where it wants.
+            metrics = _run_action(smk, spec.name, "lamdagent.actions.custom:run", kwargs)
+            if metrics is None:  # recorded as a failed step in the model directory
+                raise _ActionRecorded
+            print(f"{spec.name} metrics: {metrics}")
+            lineage = _lineage_of(smk, recipe, staged, stop_clock(clock), gpus=gpus, metrics=metrics)
+            print(f"lineage: {spec.name} code {recipe['code']['sha256'][:12]}, {len(lineage['files'])} files")
 
 
 class _ActionRecorded(Exception):
-    """Leaves the staging of a custom action whose failure ``_run_action`` has recorded."""
+    """Leaves the staging of an action whose failure ``_run_action`` has recorded."""
+
+
+@contextlib.contextmanager
+def _staged_model(smk):
+    """A staging directory that becomes ``smk.output.model`` by one rename once the action's weights and
+    the job's records are in it; dropped (a recorded failure stays) if the action failed."""
+    try:
+        with atomic_directory(smk.output.model) as staged:
+            yield staged
+    except _ActionRecorded:
+        pass
 
 
 def _lineage_of(smk, recipe: dict, staged, usage: dict, *, gpus: int, metrics: dict) -> dict:
