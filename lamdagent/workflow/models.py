@@ -13,6 +13,8 @@ from lamdagent.store import tracking
 from lamdagent.store.fileio import atomic_directory, atomic_write_json, read_json
 from lamdagent.workflow.common import job_context, require_weights
 
+SNAKEMAKE_TIMESTAMP = ".snakemake_timestamp"
+
 
 def import_model(smk):
     from lamdagent.actions.models import import_embedded_smollm2, import_hub_model
@@ -21,7 +23,7 @@ def import_model(smk):
 
     spec = dict(smk.params.spec)
     # Staged, lineage and card included, then renamed: a kill never leaves a base without its record.
-    with job_context(smk), atomic_directory(smk.output.model) as staged:
+    with job_context(smk), _staged_model(smk) as staged:
         clock = start_clock()
         if spec["source"] == "embedded":
             import_embedded_smollm2(staged)
@@ -187,11 +189,17 @@ class _ActionRecorded(Exception):
 
 @contextlib.contextmanager
 def _staged_model(smk):
-    """A staging directory that becomes ``smk.output.model`` by one rename once the action's weights and
-    the job's records are in it; dropped (a recorded failure stays) if the action failed."""
+    """A staging directory that becomes ``smk.output.model`` by one rename once the weights and the job's
+    records are in it; dropped (a recorded failure stays) if the action failed.
+
+    It holds Snakemake's ``.snakemake_timestamp`` (by which Snakemake dates a directory output; it
+    touches it again after the job): a run killed between the rename and Snakemake's record of the job
+    leaves the model complete and dated, and the next run, which may not rebuild it (Snakemake passes
+    over the incomplete marker of an output behind the agent's checkpoints), reads it as it is."""
     try:
         with atomic_directory(smk.output.model) as staged:
             yield staged
+            (Path(staged) / SNAKEMAKE_TIMESTAMP).touch()
     except _ActionRecorded:
         pass
 
