@@ -34,7 +34,7 @@ def import_model(smk):
         record_base(staged, smk.wildcards.name, spec, stop_clock(clock), final_dir=smk.output.model)
 
 
-def _store_recipe(smk, staged, recipe: dict, usage: dict, **run) -> None:
+def _store_recipe(smk, staged, recipe: dict, usage: dict, **run) -> dict:
     """recipe.json, lineage.json and the model card (README.md) into the staging directory ``staged``
     that becomes the model directory: a kill at any moment leaves the model whole or absent."""
     from lamdagent.actions.registry import action_spec
@@ -43,8 +43,8 @@ def _store_recipe(smk, staged, recipe: dict, usage: dict, **run) -> None:
     slots = action_spec(recipe["action"]).slots
     parents = {s.name: getattr(smk.input, s.name) for s in slots if s.kind == "model"}
     datasets = {s.name: getattr(smk.input, s.name) for s in slots if s.is_dataset}
-    record_model(staged, recipe, parents=parents, datasets=datasets, config=smk.config, usage=usage,
-                 final_dir=smk.output.model, **run)
+    return record_model(staged, recipe, parents=parents, datasets=datasets, config=smk.config, usage=usage,
+                        final_dir=smk.output.model, **run)
 
 
 def _run_action(smk, action: str, call: str, kwargs: dict, *, gpus: int = 0) -> dict | None:
@@ -179,7 +179,9 @@ def _custom(smk):
             if metrics is None:  # recorded as a failed step in the model directory
                 raise _ActionRecorded
             print(f"{spec.name} metrics: {metrics}")
-            lineage = _lineage_of(smk, recipe, staged, stop_clock(clock), gpus=gpus, metrics=metrics)
+            # The action's own code decides the device; the rule's GPUs say what it could use.
+            lineage = _store_recipe(smk, staged, recipe, stop_clock(clock), device="cuda" if gpus else "cpu",
+                                    precision=metrics.get("precision", "unknown"), gpus=gpus, metrics=metrics)
             print(f"lineage: {spec.name} code {recipe['code']['sha256'][:12]}, {len(lineage['files'])} files")
 
 
@@ -202,18 +204,6 @@ def _staged_model(smk):
             (Path(staged) / SNAKEMAKE_TIMESTAMP).touch()
     except _ActionRecorded:
         pass
-
-
-def _lineage_of(smk, recipe: dict, staged, usage: dict, *, gpus: int, metrics: dict) -> dict:
-    from lamdagent.actions.registry import action_spec
-    from lamdagent.lineage.records import record_model
-
-    slots = action_spec(recipe["action"]).slots
-    device = "cuda" if gpus else "cpu"  # the action's own code decides; the rule's GPUs say what it could use
-    return record_model(staged, recipe, parents={s.name: getattr(smk.input, s.name) for s in slots if s.kind == "model"},
-                        datasets={s.name: getattr(smk.input, s.name) for s in slots if s.is_dataset},
-                        config=smk.config, usage=usage, device=device, precision=metrics.get("precision", "unknown"),
-                        gpus=gpus, metrics=metrics, final_dir=smk.output.model)
 
 
 def restore_model(smk):
